@@ -1,0 +1,103 @@
+"""Loading pickled checkpoints (`.pt`, `.bin`) without ever running code from them.
+
+Everything goes through `torch.load(weights_only=True)`. Classes that training frameworks
+pickle next to the weights (Megatron's `args` enums, DeepSpeed's loss scalers and ZeRO enums,
+numpy RNG state) are mapped to *inert stand-ins*: classes of our own that carry the same
+`__module__`/`__qualname__`, store whatever arguments they are given and execute nothing.
+Only globals under the framework prefixes below get stand-ins; a few harmless stdlib classes
+are allowed as themselves; any other global (os.system, builtins.eval, ...) is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import signal
+import zipfile
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from .errors import CheckpointError, UnsafePickleError
+
+# Modules whose classes we never need to *behave*, only to be unpickled as data holders.
+INERT_PREFIXES = (
+    "megatron.", "deepspeed.", "apex.", "transformer_engine.", "numpy.", "_codecs.",
+)
+# Real classes that are safe to construct (plain data, no side effects).
+REAL_ALLOWED = {
+    "argparse.Namespace": argparse.Namespace,
+    "signal.Signals": signal.Signals,
+}
+
+_stand_ins: Dict[str, type] = {}
+
+
+class InertObject:
+    """Stand-in for a foreign class: records constructor args and pickled state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self._args = args
+        self._kwargs = kwargs
+
+    def __setstate__(self, state):
+        self._state = state
+
+    @property
+    def value(self):  # enums pickle as Enum(value)
+        return self._args[0] if self._args else None
+
+    @property
+    def name(self):
+        return getattr(self, "_state", None) or repr(self.value)
+
+    def __repr__(self):
+        return f"<inert {type(self).__module__}.{type(self).__qualname__}{self._args!r}>"
+
+
+def stand_in(qualified: str) -> type:
+    """An inert class whose pickled name is `qualified` (module.QualName)."""
+    if qualified not in _stand_ins:
+        module, _, qualname = qualified.rpartition(".")
+        cls = type(qualname, (InertObject,), {"__module__": module, "__qualname__": qualname})
+        _stand_ins[qualified] = cls
+    return _stand_ins[qualified]
+
+
+def _allowed_globals(path: Path) -> list:
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # truncated / not a pickle at all
+        raise CheckpointError(f"{path}: cannot read pickle ({type(e).__name__}: {e}); "
+                              "the file is truncated or not a PyTorch checkpoint") from None
+    allowed = []
+    for qualified in unsafe:
+        if qualified in REAL_ALLOWED:
+            allowed.append(REAL_ALLOWED[qualified])
+        elif qualified.startswith(INERT_PREFIXES):
+            allowed.append(stand_in(qualified))
+        else:
+            raise UnsafePickleError(
+                f"{path}: refused to load: the pickle references '{qualified}', which could run "
+                "code; dsinfer loads only tensors and plain data (re-save the weights with "
+                "safetensors, or torch.save a plain state dict)")
+    return allowed
+
+
+def load_pt(path: Path) -> Any:
+    """torch.load(weights_only=True) onto the CPU, memory-mapped when the file allows it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    allowed = _allowed_globals(path)
+    mmap = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UnsafePickleError(f"{path}: refused to load: {str(e).splitlines()[0]}; dsinfer "
+                                "loads only tensors and plain data") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read pickle ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is "
+                              "truncated or corrupt: copy it again from its source") from None

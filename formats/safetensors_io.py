@@ -1,0 +1,188 @@
+"""Streaming safetensors I/O with bounded memory.
+
+The safetensors library memory-maps whole files; touched pages of a multi-GB file then count
+in the process's RSS. Here a reader parses the header and `pread`s exactly the bytes of one
+tensor (or of a row range of it), and a writer lays out the header up front from known
+shapes, then appends tensor bytes one at a time while hashing them.
+
+File layout (https://github.com/huggingface/safetensors): u64 little-endian header length N,
+N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {}}
+(padded with spaces to a multiple of 8), then the byte buffer; offsets are relative to it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from .errors import CheckpointError
+
+# safetensors dtype string <-> torch dtype
+DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class SafetensorsFile:
+    """Header of one safetensors file plus positioned reads of its tensors."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise ValueError("shorter than the 8-byte header length")
+                (n,) = struct.unpack("<Q", raw)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e}); "
+                                  "the file is truncated or corrupt: copy it again") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries: Dict[str, dict] = header
+        for name, e in header.items():
+            if e.get("dtype") not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype "
+                                      f"{e.get('dtype')!r}")
+            begin, end = e["data_offsets"]
+            want = _numel(e["shape"]) * torch.empty((), dtype=DTYPES[e["dtype"]]).element_size()
+            if end - begin != want or self.data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path}: tensor '{name}' is truncated or its header is inconsistent "
+                    f"(needs bytes {begin}..{end} of a {size - self.data_start}-byte buffer); "
+                    "copy the file again")
+
+    def names(self) -> List[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.entries[name]["dtype"]]
+
+    def read(self, name: str) -> torch.Tensor:
+        shape = self.shape(name)
+        return self.read_rows(name, 0, shape[0]) if shape else self._read(name, 0, 1, ())
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0, reading only their bytes."""
+        shape = self.shape(name)
+        row = _numel(shape[1:])
+        return self._read(name, start * row, stop * row, (stop - start,) + shape[1:])
+
+    def _read(self, name, first, last, shape) -> torch.Tensor:
+        e = self.entries[name]
+        dtype = DTYPES[e["dtype"]]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        out = torch.empty(_numel(shape) * itemsize, dtype=torch.uint8)
+        offset = self.data_start + e["data_offsets"][0] + first * itemsize
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(offset)
+            view = memoryview(out.numpy())
+            got = 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise CheckpointError(f"{self.path}: tensor '{name}' is truncated; "
+                                          "copy the file again")
+                got += k
+        return out.view(dtype).reshape(shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (contiguous copy when needed)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+class StreamingWriter:
+    """Writes one safetensors file whose tensor list is known before any data is.
+
+    `plan` is [(name, shape, dtype)] in file order. `write(name, tensor)` must then be called
+    for every entry, in that order. The sha256 and byte count are computed on the fly.
+    """
+
+    def __init__(self, path: Path, plan: Iterable[Tuple[str, tuple, torch.dtype]],
+                 metadata: Optional[Dict[str, str]] = None):
+        self.path = Path(path)
+        self.order: List[Tuple[str, tuple, torch.dtype]] = [(n, tuple(s), d) for n, s, d in plan]
+        header: Dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        offset = 0
+        for name, shape, dtype in self.order:
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.total = 8 + len(raw) + offset
+        self.hash = hashlib.sha256()
+        self.bytes = 0
+        self._next = 0
+        self._f = open(self.path, "wb")
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+
+    def _emit(self, data) -> None:
+        self._f.write(data)
+        self.hash.update(data)
+        self.bytes += len(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, shape, dtype = self.order[self._next]
+        if name != want_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{self.path}: expected {want_name} {shape} {dtype}, got "
+                             f"{name} {tuple(tensor.shape)} {tensor.dtype}")
+        self._emit(tensor_bytes(tensor))
+        self._next += 1
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self.order)
+
+    def close(self) -> Tuple[int, str]:
+        """Flush, fsync and close; returns (bytes, sha256 hex)."""
+        if not self.done:
+            raise ValueError(f"{self.path}: closed after {self._next} of {len(self.order)} tensors")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self.bytes, self.hash.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while True:
+            k = f.readinto(view)
+            if not k:
+                break
+            h.update(view[:k])
+    return h.hexdigest()
