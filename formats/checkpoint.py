@@ -67,9 +67,10 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-# Files copied verbatim from a source folder next to the output (tokenizers, generation config).
+# Files copied verbatim from a source folder next to the output (config, tokenizers,
+# generation config). Writers that must change config.json (HF output with a new dtype) rewrite it.
 EXTRA_FILE_NAMES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
     "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "added_tokens.json",
     "generation_config.json", "chat_template.jinja", "chat_template.json",
 )

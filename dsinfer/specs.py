@@ -1,0 +1,228 @@
+"""Architecture specs: one table entry per HF architecture family, with its TP plan.
+
+A TP plan is a list of `Rule`s matched (re.search) against canonical parameter names. A rule's
+pattern names a *module*; the rule covers its `.weight` and `.bias`:
+
+    colwise         split output features: Linear weight [out, in] on dim 0 (Conv1D [in, out]:
+                    dim 1); bias [out] on dim 0
+    rowwise         split input features: Linear weight dim 1 (Conv1D: dim 0); the bias is
+                    replicated (added once, after the all-reduce)
+    packed_colwise  colwise over `parts` equal blocks laid end to end (GPT-2 c_attn = [Q|K|V]):
+                    each block is split separately so every rank gets whole heads of Q, K and V
+    vocab           embedding / LM-head rows; replicated when the vocab does not divide by TP
+    replicate       every rank holds all of it (also the default for unmatched names)
+
+Per-head interleaved fused QKV (BLOOM, GPT-NeoX: rows [h0: q k v | h1: q k v | ...]) is plain
+colwise: contiguous row blocks are whole heads. The same plan drives offline resharding and
+(later) runtime sharding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from dsinfer.formats import CheckpointError, Placement
+
+STYLES = ("colwise", "rowwise", "packed_colwise", "vocab", "replicate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    module: str           # regex for the module path, e.g. r"h\.\d+\.attn\.c_attn"
+    style: str
+    dim: int = 0          # weight split dim (Linear: colwise 0 / rowwise 1; Conv1D the reverse)
+    parts: int = 1        # packed_colwise: number of equal blocks
+    role: str = ""        # "attn" | "mlp" | "embed" | "head": quantization and kernels use it
+
+    def __post_init__(self):
+        assert self.style in STYLES, self.style
+        object.__setattr__(self, "_re", re.compile(rf"(^|\.)(?:{self.module})\.(weight|bias)$"))
+
+    def matches(self, name: str) -> bool:
+        return self._re.search(name) is not None
+
+
+def col(module, dim=0, role="") -> Rule:
+    return Rule(module, "colwise", dim, role=role)
+
+
+def row(module, dim=1, role="") -> Rule:
+    return Rule(module, "rowwise", dim, role=role)
+
+
+def vocab(module, role="embed") -> Rule:
+    return Rule(module, "vocab", 0, role=role)
+
+
+# Config keys that hold the same fact under different names, in order of preference.
+CONFIG_KEYS = {
+    "heads": ("num_attention_heads", "n_head", "num_heads"),
+    "kv_heads": ("num_key_value_heads", "num_kv_heads", "multi_query_group_num"),
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "vocab": ("vocab_size",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    architectures: Tuple[str, ...]   # HF class names (the first is the causal-LM / main one)
+    model_types: Tuple[str, ...]
+    plan: Tuple[Rule, ...]
+    kv_heads: bool = False           # GQA: KV heads split across ranks too
+
+    def config_value(self, config: dict, key: str) -> Optional[int]:
+        for k in CONFIG_KEYS[key]:
+            if config.get(k) is not None:
+                return int(config[k])
+        return None
+
+    def rule_for(self, name: str) -> Optional[Rule]:
+        return next((r for r in self.plan if r.matches(name)), None)
+
+    def placement(self, name: str, shape: Tuple[int, ...], tp: int) -> Tuple[Placement, str]:
+        """(placement, style) of one tensor at TP degree `tp`."""
+        rule = self.rule_for(name)
+        if rule is None or rule.style == "replicate" or not shape:
+            return Placement(None), "replicate"
+        is_bias = name.endswith(".bias") or len(shape) == 1
+        if rule.style == "rowwise":
+            return (Placement(None), "rowwise_bias") if is_bias else (Placement(rule.dim), "rowwise")
+        if rule.style == "vocab":
+            if shape[0] % tp:
+                return Placement(None), "replicate"
+            return Placement(0), "vocab"
+        dim = 0 if is_bias else rule.dim
+        if rule.style == "packed_colwise":
+            return Placement(dim, (shape[dim] // rule.parts,) * rule.parts), rule.style
+        return Placement(dim), "colwise"
+
+    def check_heads(self, config: dict, tp: int) -> None:
+        for key in ("heads", "kv_heads") if self.kv_heads else ("heads",):
+            n = self.config_value(config, key)
+            if key == "kv_heads" and n is None:
+                n = self.config_value(config, "heads")  # no GQA field: MHA
+            if n is not None and n % tp:
+                ok = [d for d in range(1, n + 1) if n % d == 0]
+                what = "attention heads" if key == "heads" else "KV heads"
+                raise CheckpointError(
+                    f"{self.name}: {n} {what} do not divide by TP {tp}; choose a TP degree "
+                    f"among {ok}")
+
+
+SPECS: List[ArchSpec] = [
+    ArchSpec("gpt2", ("GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification"),
+             ("gpt2",), (
+                 vocab(r"wte"),
+                 Rule(r"h\.\d+\.attn\.c_attn", "packed_colwise", dim=1, parts=3, role="attn"),
+                 row(r"h\.\d+\.attn\.c_proj", dim=0, role="attn"),
+                 col(r"h\.\d+\.mlp\.c_fc", dim=1, role="mlp"),
+                 row(r"h\.\d+\.mlp\.c_proj", dim=0, role="mlp"),
+                 vocab(r"lm_head", role="head"))),
+    ArchSpec("gpt_neo", ("GPTNeoForCausalLM", "GPTNeoModel"), ("gpt_neo",), (
+        vocab(r"wte"),
+        col(r"attn\.attention\.[qkv]_proj", role="attn"),
+        row(r"attn\.attention\.out_proj", role="attn"),
+        col(r"h\.\d+\.mlp\.c_fc", role="mlp"),
+        row(r"h\.\d+\.mlp\.c_proj", role="mlp"),
+        vocab(r"lm_head", role="head"))),
+    ArchSpec("gptj", ("GPTJForCausalLM", "GPTJModel"), ("gptj",), (
+        vocab(r"wte"),
+        col(r"attn\.[qkv]_proj", role="attn"),
+        row(r"attn\.out_proj", role="attn"),
+        col(r"mlp\.fc_in", role="mlp"),
+        row(r"mlp\.fc_out", role="mlp"),
+        vocab(r"lm_head", role="head"))),
+    ArchSpec("gpt_neox", ("GPTNeoXForCausalLM", "GPTNeoXModel"), ("gpt_neox",), (
+        vocab(r"embed_in"),
+        col(r"attention\.query_key_value", role="attn"),   # [heads, 3, hd] rows: whole heads
+        row(r"attention\.dense", role="attn"),
+        col(r"mlp\.dense_h_to_4h", role="mlp"),
+        row(r"mlp\.dense_4h_to_h", role="mlp"),
+        vocab(r"embed_out", role="head"))),
+    ArchSpec("opt", ("OPTForCausalLM", "OPTModel"), ("opt",), (
+        vocab(r"embed_tokens"),
+        col(r"self_attn\.[qkv]_proj", role="attn"),
+        row(r"self_attn\.out_proj", role="attn"),
+        col(r"layers\.\d+\.fc1", role="mlp"),
+        row(r"layers\.\d+\.fc2", role="mlp"),
+        vocab(r"lm_head", role="head"))),
+    ArchSpec("bloom", ("BloomForCausalLM", "BloomModel"), ("bloom",), (
+        vocab(r"word_embeddings"),
+        col(r"self_attention\.query_key_value", role="attn"),  # [heads, 3, hd] rows
+        row(r"self_attention\.dense", role="attn"),
+        col(r"mlp\.dense_h_to_4h", role="mlp"),
+        row(r"mlp\.dense_4h_to_h", role="mlp"),
+        vocab(r"lm_head", role="head"))),
+    ArchSpec("llama", ("LlamaForCausalLM", "LlamaModel", "MistralForCausalLM",
+                       "Qwen2ForCausalLM"), ("llama", "mistral", "qwen2"), (
+        vocab(r"embed_tokens"),
+        col(r"self_attn\.[qkv]_proj", role="attn"),
+        row(r"self_attn\.o_proj", role="attn"),
+        col(r"mlp\.(gate|up)_proj", role="mlp"),
+        row(r"mlp\.down_proj", role="mlp"),
+        vocab(r"lm_head", role="head")), kv_heads=True),
+    ArchSpec("bert", ("BertForMaskedLM", "BertModel", "BertForSequenceClassification",
+                      "BertForPreTraining"), ("bert",), (
+        vocab(r"embeddings\.word_embeddings"),
+        col(r"attention\.self\.(query|key|value)", role="attn"),
+        row(r"attention\.output\.dense", role="attn"),
+        col(r"intermediate\.dense", role="mlp"),
+        row(r"layer\.\d+\.output\.dense", role="mlp"),
+        vocab(r"cls\.predictions\.decoder", role="head"),
+        vocab(r"cls\.predictions", role="head"))),   # the output bias [vocab]
+    ArchSpec("t5", ("T5ForConditionalGeneration", "T5Model", "T5EncoderModel"), ("t5",), (
+        vocab(r"shared|embed_tokens"),
+        col(r"(SelfAttention|EncDecAttention)\.[qkv]", role="attn"),
+        row(r"(SelfAttention|EncDecAttention)\.o", role="attn"),
+        col(r"relative_attention_bias", dim=1, role="attn"),   # [buckets, heads]
+        col(r"DenseReluDense\.wi(_0|_1)?", role="mlp"),
+        row(r"DenseReluDense\.wo", role="mlp"),
+        vocab(r"lm_head", role="head"))),
+]
+
+_BY_KEY: Dict[str, ArchSpec] = {}
+for _s in SPECS:
+    for _k in (_s.name, *_s.architectures, *_s.model_types):
+        _BY_KEY.setdefault(_k.lower(), _s)
+
+
+def known() -> List[str]:
+    return sorted({a for s in SPECS for a in s.architectures} | {s.name for s in SPECS})
+
+
+def get(key: str) -> ArchSpec:
+    spec = _BY_KEY.get(str(key).lower())
+    if spec is None:
+        raise CheckpointError(f"unknown architecture '{key}'; known: {', '.join(known())}")
+    return spec
+
+
+def for_config(config: dict, fallback: Optional[str] = None) -> ArchSpec:
+    """The spec for an HF config (architectures[0], else model_type), else `fallback` (--arch)."""
+    for key in list(config.get("architectures") or []) + [config.get("model_type")]:
+        if key and key.lower() in _BY_KEY:
+            return _BY_KEY[key.lower()]
+    if fallback:
+        return get(fallback)
+    raise CheckpointError(
+        f"architecture {config.get('architectures') or config.get('model_type')!r} has no "
+        f"dsinfer spec; pass --arch with one of: {', '.join(known())}")
+
+
+def plan(spec: ArchSpec, config: dict, tensors: Iterable, tp: int
+         ) -> Tuple[Dict[str, Placement], Dict[str, str]]:
+    """Placements and style names of every tensor at TP `tp`; errors name the tensor."""
+    spec.check_heads(config, tp)
+    placements, styles = {}, {}
+    for t in tensors:
+        p, style = spec.placement(t.name, tuple(t.shape), tp)
+        if not p.divisible(t.shape, tp):
+            size = t.shape[p.split_dim]
+            raise CheckpointError(
+                f"tensor '{t.name}' {list(t.shape)}: dim {p.split_dim} ({size}) does not split "
+                f"{tp} ways ({style}); choose a TP degree that divides it")
+        placements[t.name], styles[t.name] = p, style
+    return placements, styles
