@@ -102,9 +102,15 @@ class _Files:
         return self.cache[rel]
 
     def read(self, name: str, rank: int) -> torch.Tensor:
-        f = self.get(rank, self.manifest["tensors"][name].get("part", 0))
+        info = self.manifest["tensors"][name]
+        f = self.get(rank, info.get("part", 0))
         if name not in f.entries:
             raise CheckpointError(f"{f.path}: tensor '{name}' missing (the manifest lists it)")
+        want = Placement.from_json(info).shard_shape(info["shape"], self.manifest["tp_size"])
+        if f.shape(name) != tuple(want):
+            raise CheckpointError(f"{f.path}: tensor '{name}' has shape {list(f.shape(name))}, "
+                                  f"the manifest implies {list(want)} for this rank; the files "
+                                  "do not belong together (re-run dsinfer-reshard)")
         return f.read(name)
 
 
@@ -157,18 +163,30 @@ def write(out: Path, ckpt: Checkpoint, tp: int, placements: Dict[str, Placement]
           quantization: Optional[dict] = None, max_part_bytes: int = MAX_PART_BYTES,
           progress: bool = True) -> dict:
     """Writes `ckpt` split `tp` ways into the (empty, temporary) folder `out`; returns the
-    manifest (also written to out/dsinfer.json). Reads each source tensor once."""
+    manifest (`finish` writes it). Reads each source tensor once."""
     out_dtype = {t.name: dtype if (dtype and t.dtype.is_floating_point) else t.dtype
                  for t in ckpt.tensors}
     shapes = {t.name: placements[t.name].shard_shape(t.shape, tp) for t in ckpt.tensors}
     shard_bytes = {n: torch.Size(s).numel() * out_dtype[n].itemsize for n, s in shapes.items()}
     parts = _plan_parts(ckpt.tensors, shard_bytes, max_part_bytes)
-    files: Dict[str, dict] = {}
-    writers: Dict[Tuple[int, int], StreamingWriter] = {}
     for r in range(tp):
         (out / rank_dir(r, tp)).mkdir()
-    bar = tqdm(total=sum(t.nbytes for t in ckpt.tensors), unit="B", unit_scale=True,
-               desc=f"write tp={tp}", disable=not progress)
+    with tqdm(total=sum(t.nbytes for t in ckpt.tensors), unit="B", unit_scale=True,
+              desc=f"write tp={tp}", disable=None if progress else True, leave=False) as bar:
+        files = _write_ranks(out, ckpt, tp, placements, out_dtype, shapes, parts, bar)
+    tensors = {t.name: {"shape": list(t.shape), "dtype": dtype_name(out_dtype[t.name]),
+                        **placements[t.name].to_json(), "style": styles[t.name],
+                        "part": parts[t.name]} for t in ckpt.tensors}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
+            "tp_size": tp, "dtype": _main_dtype(ckpt.tensors, out_dtype),
+            "quantization": quantization, "source": ckpt.source, "tensors": tensors,
+            "files": files}
+
+
+def _write_ranks(out, ckpt, tp, placements, out_dtype, shapes, parts, bar) -> Dict[str, dict]:
+    """One pass over the source; rank r's slice of each tensor goes to rank r's open part."""
+    files: Dict[str, dict] = {}
+    writers: Dict[Tuple[int, int], StreamingWriter] = {}
     for t in ckpt.tensors:
         p = placements[t.name]
         by_rows = t.load_rows is not None and p.split_dim == 0 and tp > 1
@@ -184,15 +202,7 @@ def write(out: Path, ckpt: Checkpoint, tp: int, placements: Dict[str, Placement]
         del full
         bar.update(t.nbytes)
     _close_finished(writers, files, out, tp)
-    bar.close()
-    tensors = {t.name: {"shape": list(t.shape), "dtype": dtype_name(out_dtype[t.name]),
-                        **placements[t.name].to_json(), "style": styles[t.name],
-                        "part": parts[t.name]} for t in ckpt.tensors}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
-                "tp_size": tp, "dtype": _main_dtype(ckpt.tensors, out_dtype),
-                "quantization": quantization, "source": ckpt.source, "tensors": tensors,
-                "files": files}
-    return manifest
+    return files
 
 
 def _close_finished(writers, files, out: Path, tp: int) -> None:
@@ -215,7 +225,19 @@ def finish(out: Path, manifest: dict) -> None:
         if p.is_file() and p.name != MANIFEST:
             manifest["files"][p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     manifest["files"] = dict(sorted(manifest["files"].items()))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    (out / MANIFEST).write_text(dump_manifest(manifest))
+
+
+def dump_manifest(manifest: dict) -> str:
+    """JSON with one line per tensor and per file: readable, diffable, still plain JSON."""
+    lines = []
+    for key, value in manifest.items():
+        if key in ("tensors", "files"):
+            rows = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
+            lines.append(f" {json.dumps(key)}: {{\n" + ",\n".join(rows) + "\n }")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 # ----------------------------------------------------------------------------------- verify
@@ -233,21 +255,26 @@ def verify(path: Path, hashes: bool = True) -> List[str]:
         elif hashes and sha256_file(p) != info["sha256"]:
             problems.append(f"{p}: sha256 mismatch (the file was modified or corrupted)")
     tp = manifest["tp_size"]
+    headers: Dict[Path, object] = {}
     for name, info in manifest["tensors"].items():
         want = Placement.from_json(info).shard_shape(info["shape"], tp)
         for r in range(tp):
-            problems += _check_tensor(root, manifest, name, info, r, tuple(want))
-    return problems
+            problems += _check_tensor(root, manifest, name, info, r, tuple(want), headers)
+    return list(dict.fromkeys(problems))
 
 
-def _check_tensor(root, manifest, name, info, rank, want) -> List[str]:
+def _check_tensor(root, manifest, name, info, rank, want, headers) -> List[str]:
     p = root / part_path(rank, manifest["tp_size"], info.get("part", 0))
     if not p.is_file():
         return []  # reported as a missing file
-    try:
-        f = SafetensorsFile(p)
-    except CheckpointError as e:
-        return [str(e)]
+    if p not in headers:
+        try:
+            headers[p] = SafetensorsFile(p)
+        except CheckpointError as e:
+            headers[p] = e
+    f = headers[p]
+    if isinstance(f, CheckpointError):
+        return [str(f)]
     if name not in f.entries:
         return [f"{p}: tensor '{name}' missing"]
     got = f.shape(name)

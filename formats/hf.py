@@ -111,17 +111,16 @@ def write(out: Path, ckpt: Checkpoint, dtype: Optional[torch.dtype] = None,
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     files = {}
-    bar = tqdm(total=sum(t.nbytes for t in ckpt.tensors), unit="B", unit_scale=True,
-               desc="write hf", disable=not progress)
-    for fname, shard in zip(names, shards):
-        w = StreamingWriter(out / fname, [(t.name, t.shape, out_dtype[t.name]) for t in shard],
-                            metadata={"format": "pt"})
-        for t in shard:
-            w.write(t.name, t.load().to(out_dtype[t.name]))
-            bar.update(t.nbytes)
-        nbytes, sha = w.close()
-        files[fname] = {"bytes": nbytes, "sha256": sha}
-    bar.close()
+    with tqdm(total=sum(t.nbytes for t in ckpt.tensors), unit="B", unit_scale=True,
+              desc="write hf", disable=None if progress else True, leave=False) as bar:
+        for fname, shard in zip(names, shards):
+            w = StreamingWriter(out / fname, [(t.name, t.shape, out_dtype[t.name]) for t in shard],
+                                metadata={"format": "pt"})
+            for t in shard:
+                w.write(t.name, t.load().to(out_dtype[t.name]))
+                bar.update(t.nbytes)
+            nbytes, sha = w.close()
+            files[fname] = {"bytes": nbytes, "sha256": sha}
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(f["bytes"] for f in files.values())},
                  "weight_map": {t.name: n for n, s in zip(names, shards) for t in s}}
