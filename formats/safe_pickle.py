@@ -10,11 +10,14 @@ are allowed as themselves; any other global (os.system, builtins.eval, ...) is r
 from __future__ import annotations
 
 import argparse
+import io
 import pickle
+import pickletools
+import re
 import signal
 import zipfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Set
 
 import torch
 
@@ -64,24 +67,42 @@ def stand_in(qualified: str) -> type:
     return _stand_ins[qualified]
 
 
+def _globals_in(path: Path) -> Set[str]:
+    """Every `module.name` the pickle references, found by disassembling it (nothing runs).
+    Zip checkpoints keep the pickle in `*/data.pkl`; the legacy format is five pickles in a
+    row (magic, protocol, sys info, the object, storage keys) followed by raw storage bytes."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                raise ValueError("zip archive without data.pkl")
+            streams, count = io.BytesIO(z.read(name)), 1
+    else:
+        streams, count = open(path, "rb"), 5
+    found: Set[str] = set()
+    with streams as f:
+        for _ in range(count):
+            strings: list = []
+            for op, arg, _pos in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.add(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    return found
+
+
 def _allowed_globals(path: Path) -> list:
+    """Stand-ins for framework classes, the few real classes we allow; every other global is
+    left to torch's weights_only unpickler, which refuses anything it does not know."""
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        names = _globals_in(path)
     except Exception as e:  # truncated / not a pickle at all
         raise CheckpointError(f"{path}: cannot read pickle ({type(e).__name__}: {e}); "
                               "the file is truncated or not a PyTorch checkpoint") from None
-    allowed = []
-    for qualified in unsafe:
-        if qualified in REAL_ALLOWED:
-            allowed.append(REAL_ALLOWED[qualified])
-        elif qualified.startswith(INERT_PREFIXES):
-            allowed.append(stand_in(qualified))
-        else:
-            raise UnsafePickleError(
-                f"{path}: refused to load: the pickle references '{qualified}', which could run "
-                "code; dsinfer loads only tensors and plain data (re-save the weights with "
-                "safetensors, or torch.save a plain state dict)")
-    return allowed
+    allowed = [REAL_ALLOWED[n] for n in names if n in REAL_ALLOWED]
+    return allowed + [stand_in(n) for n in names if n.startswith(INERT_PREFIXES)]
 
 
 def load_pt(path: Path) -> Any:
@@ -95,8 +116,12 @@ def load_pt(path: Path) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise UnsafePickleError(f"{path}: refused to load: {str(e).splitlines()[0]}; dsinfer "
-                                "loads only tensors and plain data") from None
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"function (<[^>]*>)", str(e))
+        what = f"'{culprit.group(1)}'" if culprit else "an object torch refuses to rebuild"
+        raise UnsafePickleError(
+            f"{path}: refused to load: the pickle references {what}, which could run code; "
+            "dsinfer loads only tensors and plain data (re-save the weights with safetensors "
+            "or as a plain state dict)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read pickle ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); the file is "

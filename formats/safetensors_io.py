@@ -113,10 +113,8 @@ class SafetensorsFile:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (contiguous copy when needed)."""
-    t = t.detach().to("cpu").contiguous()
-    if t.dim() == 0:
-        t = t.reshape(1)
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    t = t.detach().to("cpu").contiguous().reshape(-1)  # 1-D: also covers 0-d and empty
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 class StreamingWriter:
