@@ -34,6 +34,7 @@ class Rule:
     dim: int = 0          # weight split dim (Linear: colwise 0 / rowwise 1; Conv1D the reverse)
     parts: int = 1        # packed_colwise: number of equal blocks
     role: str = ""        # "attn" | "mlp" | "embed" | "head": quantization and kernels use it
+    transposed: bool = False  # Conv1D storage [in, out] (GPT-2); Linear is [out, in]
 
     def __post_init__(self):
         assert self.style in STYLES, self.style
@@ -43,12 +44,22 @@ class Rule:
         return self._re.search(name) is not None
 
 
-def col(module, dim=0, role="") -> Rule:
-    return Rule(module, "colwise", dim, role=role)
+def col(module, dim=0, role="", transposed=False) -> Rule:
+    return Rule(module, "colwise", dim, role=role, transposed=transposed)
 
 
-def row(module, dim=1, role="") -> Rule:
-    return Rule(module, "rowwise", dim, role=role)
+def row(module, dim=1, role="", transposed=False) -> Rule:
+    return Rule(module, "rowwise", dim, role=role, transposed=transposed)
+
+
+def conv1d_col(module, role="", parts=1) -> Rule:  # Conv1D [in, out]: outputs on dim 1
+    if parts > 1:
+        return Rule(module, "packed_colwise", 1, parts, role, transposed=True)
+    return col(module, 1, role, transposed=True)
+
+
+def conv1d_row(module, role="") -> Rule:
+    return row(module, 0, role, transposed=True)
 
 
 def vocab(module, role="embed") -> Rule:
@@ -116,10 +127,10 @@ SPECS: List[ArchSpec] = [
     ArchSpec("gpt2", ("GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification"),
              ("gpt2",), (
                  vocab(r"wte"),
-                 Rule(r"h\.\d+\.attn\.c_attn", "packed_colwise", dim=1, parts=3, role="attn"),
-                 row(r"h\.\d+\.attn\.c_proj", dim=0, role="attn"),
-                 col(r"h\.\d+\.mlp\.c_fc", dim=1, role="mlp"),
-                 row(r"h\.\d+\.mlp\.c_proj", dim=0, role="mlp"),
+                 conv1d_col(r"h\.\d+\.attn\.c_attn", role="attn", parts=3),  # [Q|K|V]
+                 conv1d_row(r"h\.\d+\.attn\.c_proj", role="attn"),
+                 conv1d_col(r"h\.\d+\.mlp\.c_fc", role="mlp"),
+                 conv1d_row(r"h\.\d+\.mlp\.c_proj", role="mlp"),
                  vocab(r"lm_head", role="head"))),
     ArchSpec("gpt_neo", ("GPTNeoForCausalLM", "GPTNeoModel"), ("gpt_neo",), (
         vocab(r"wte"),
@@ -177,7 +188,7 @@ SPECS: List[ArchSpec] = [
         vocab(r"shared|embed_tokens"),
         col(r"(SelfAttention|EncDecAttention)\.[qkv]", role="attn"),
         row(r"(SelfAttention|EncDecAttention)\.o", role="attn"),
-        col(r"relative_attention_bias", dim=1, role="attn"),   # [buckets, heads]
+        col(r"relative_attention_bias", dim=1, role="position"),   # [buckets, heads]
         col(r"DenseReluDense\.wi(_0|_1)?", role="mlp"),
         row(r"DenseReluDense\.wo", role="mlp"),
         vocab(r"lm_head", role="head"))),
@@ -212,12 +223,47 @@ def for_config(config: dict, fallback: Optional[str] = None) -> ArchSpec:
         f"dsinfer spec; pass --arch with one of: {', '.join(known())}")
 
 
+SCALE_SUFFIX = "_scale"  # int8 weight `X.weight` has scales `X.weight_scale` [groups, col_groups]
+
+
+def scale_of(name: str, names) -> Optional[str]:
+    """The weight a `*_scale` tensor belongs to, if `name` is one."""
+    base = name[: -len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) else None
+    return base if base in names else None
+
+
+def scale_placement(rule: Optional[Rule], w_shape, wp: Placement, s_shape, name: str,
+                    tp: int) -> Placement:
+    """Scales follow their weight: a split of output rows splits the row groups (whole groups
+    per rank, packed parts kept apart); a split of input columns splits the column groups, or
+    leaves per-row scales replicated when there is one column group."""
+    if wp.replicated:
+        return Placement(None)
+    out_dim = 1 if rule is not None and rule.transposed else 0
+    if wp.split_dim != out_dim:
+        return Placement(None) if s_shape[1] == 1 else Placement(1)
+    rows, groups = w_shape[out_dim], s_shape[0]
+    per_group = rows // groups
+    parts = wp.part_sizes(w_shape)
+    if any(p % (per_group * tp) for p in parts):
+        ok = sorted(g for g in range(tp, rows + 1, tp)
+                    if rows % g == 0 and all(p % (rows // g * tp) == 0 for p in parts))
+        raise CheckpointError(
+            f"tensor '{name}': its {groups} int8 row groups would be cut by a TP {tp} split "
+            f"({rows} rows); quantize with a group count among {ok[:8]} or pick another TP")
+    return Placement(0, tuple(p // per_group for p in parts) if wp.parts else None)
+
+
 def plan(spec: ArchSpec, config: dict, tensors: Iterable, tp: int
          ) -> Tuple[Dict[str, Placement], Dict[str, str]]:
     """Placements and style names of every tensor at TP `tp`; errors name the tensor."""
     spec.check_heads(config, tp)
+    tensors = list(tensors)
+    by_name = {t.name: t for t in tensors}
     placements, styles = {}, {}
     for t in tensors:
+        if scale_of(t.name, by_name):
+            continue
         p, style = spec.placement(t.name, tuple(t.shape), tp)
         if not p.divisible(t.shape, tp):
             size = t.shape[p.split_dim]
@@ -225,4 +271,14 @@ def plan(spec: ArchSpec, config: dict, tensors: Iterable, tp: int
                 f"tensor '{t.name}' {list(t.shape)}: dim {p.split_dim} ({size}) does not split "
                 f"{tp} ways ({style}); choose a TP degree that divides it")
         placements[t.name], styles[t.name] = p, style
+    for t in tensors:
+        base = scale_of(t.name, by_name)
+        if base:
+            w = by_name[base]
+            p = scale_placement(spec.rule_for(base), w.shape, placements[base], t.shape,
+                                base, tp)
+            if not p.divisible(t.shape, tp):
+                raise CheckpointError(f"tensor '{t.name}' {list(t.shape)}: column groups do not "
+                                      f"split {tp} ways; choose a --group-size or TP that fits")
+            placements[t.name], styles[t.name] = p, "scale"
     return placements, styles

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -160,12 +160,15 @@ def _rank_slice(t: TensorRef, p: Placement, tp: int, rank: int, full) -> torch.T
 
 def write(out: Path, ckpt: Checkpoint, tp: int, placements: Dict[str, Placement],
           styles: Dict[str, str], architecture: str, dtype: Optional[torch.dtype] = None,
-          quantization: Optional[dict] = None, max_part_bytes: int = MAX_PART_BYTES,
+          quantization: Optional[dict] = None, keep_dtype: Iterable[str] = (),
+          extra: Optional[Dict[str, dict]] = None, max_part_bytes: int = MAX_PART_BYTES,
           progress: bool = True) -> dict:
     """Writes `ckpt` split `tp` ways into the (empty, temporary) folder `out`; returns the
-    manifest (`finish` writes it). Reads each source tensor once."""
-    out_dtype = {t.name: dtype if (dtype and t.dtype.is_floating_point) else t.dtype
-                 for t in ckpt.tensors}
+    manifest (`finish` writes it). Reads each source tensor once. `dtype` casts floating
+    tensors except those in `keep_dtype` (int8 scales); `extra` adds per-tensor manifest keys."""
+    keep = set(keep_dtype)
+    out_dtype = {t.name: dtype if (dtype and t.dtype.is_floating_point and t.name not in keep)
+                 else t.dtype for t in ckpt.tensors}
     shapes = {t.name: placements[t.name].shard_shape(t.shape, tp) for t in ckpt.tensors}
     shard_bytes = {n: torch.Size(s).numel() * out_dtype[n].itemsize for n, s in shapes.items()}
     parts = _plan_parts(ckpt.tensors, shard_bytes, max_part_bytes)
@@ -176,7 +179,8 @@ def write(out: Path, ckpt: Checkpoint, tp: int, placements: Dict[str, Placement]
         files = _write_ranks(out, ckpt, tp, placements, out_dtype, shapes, parts, bar)
     tensors = {t.name: {"shape": list(t.shape), "dtype": dtype_name(out_dtype[t.name]),
                         **placements[t.name].to_json(), "style": styles[t.name],
-                        "part": parts[t.name]} for t in ckpt.tensors}
+                        "part": parts[t.name], **(extra or {}).get(t.name, {})}
+               for t in ckpt.tensors}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
             "tp_size": tp, "dtype": _main_dtype(ckpt.tensors, out_dtype),
             "quantization": quantization, "source": ckpt.source, "tensors": tensors,

@@ -125,7 +125,7 @@ def write(out: Path, ckpt: Checkpoint, dtype: Optional[torch.dtype] = None,
         index = {"metadata": {"total_size": sum(f["bytes"] for f in files.values())},
                  "weight_map": {t.name: n for n, s in zip(names, shards) for t in s}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    _write_config(out, ckpt.config, dtype)
+    write_config(out, ckpt.config, dtype)
     return files
 
 
@@ -142,7 +142,7 @@ def _plan_shards(tensors, out_dtype, max_bytes) -> List[List[TensorRef]]:
     return shards
 
 
-def _write_config(out: Path, config: dict, dtype: Optional[torch.dtype]) -> None:
+def write_config(out: Path, config: dict, dtype: Optional[torch.dtype]) -> None:
     config = dict(config)
     if dtype is not None:
         key = "dtype" if "dtype" in config else "torch_dtype"
