@@ -166,3 +166,23 @@ def summarize(report: Dict[str, dict], worst: int = 5) -> dict:
             "max_rel_error": max(rel), "mean_sqnr_db": sum(sq) / len(sq), "min_sqnr_db": min(sq),
             "worst": [{"name": n, **{k: report[n][k] for k in ("rel_error", "sqnr_db")}}
                       for n in ranked[:worst]]}
+
+
+def dequantized_state_dict(path, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """Every tensor of an int8 dsinfer checkpoint, merged to TP 1, int8 weights dequantized
+    (`q * s`) into `dtype`: what the int8 model computes with, as a plain state dict."""
+    ckpt, spec = open_source(path, "dsinfer")
+    refs = ckpt.by_name()
+    out = {}
+    for t in ckpt.tensors:
+        if specs.scale_of(t.name, refs):
+            continue
+        w = t.load()
+        scale = refs.get(t.name + specs.SCALE_SUFFIX)
+        if scale is not None and w.dtype == torch.int8:
+            rule = spec.rule_for(t.name)
+            view = w.t() if rule is not None and rule.transposed else w
+            w = dequantize_ref(view, scale.load(), dtype)
+            w = w.t().contiguous() if rule is not None and rule.transposed else w
+        out[t.name] = w.to(dtype) if w.is_floating_point() else w
+    return out

@@ -237,8 +237,8 @@ def scale_placement(rule: Optional[Rule], w_shape, wp: Placement, s_shape, name:
     """Scales follow their weight: a split of output rows splits the row groups (whole groups
     per rank, packed parts kept apart); a split of input columns splits the column groups, or
     leaves per-row scales replicated when there is one column group."""
-    if wp.replicated:
-        return Placement(None)
+    if wp.replicated or tp == 1:
+        return Placement(None) if wp.replicated else Placement(0)
     out_dim = 1 if rule is not None and rule.transposed else 0
     if wp.split_dim != out_dim:
         return Placement(None) if s_shape[1] == 1 else Placement(1)
