@@ -83,6 +83,13 @@ class ArchSpec:
     model_types: Tuple[str, ...]
     plan: Tuple[Rule, ...]
     kv_heads: bool = False           # GQA: KV heads split across ranks too
+    # Runtime: attention modules (path regex) whose int attributes count all heads and must
+    # count this rank's heads under TP (e.g. GPT-2 splits c_attn's output by `split_size`).
+    local_heads: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    # Runtime: forward pre-hooks by name (dsinfer.tp.HOOKS) for modules matching a path regex.
+    hooks: Tuple[Tuple[str, str], ...] = ()
+    # Module parameter name -> checkpoint name, where transformers renames at load time.
+    renames: Tuple[Tuple[str, str], ...] = ()
 
     def config_value(self, config: dict, key: str) -> Optional[int]:
         for k in CONFIG_KEYS[key]:
@@ -131,42 +138,49 @@ SPECS: List[ArchSpec] = [
                  conv1d_row(r"h\.\d+\.attn\.c_proj", role="attn"),
                  conv1d_col(r"h\.\d+\.mlp\.c_fc", role="mlp"),
                  conv1d_row(r"h\.\d+\.mlp\.c_proj", role="mlp"),
-                 vocab(r"lm_head", role="head"))),
+                 vocab(r"lm_head", role="head")),
+             local_heads=((r"attn$", ("split_size", "num_heads", "embed_dim")),)),
     ArchSpec("gpt_neo", ("GPTNeoForCausalLM", "GPTNeoModel"), ("gpt_neo",), (
         vocab(r"wte"),
         col(r"attn\.attention\.[qkv]_proj", role="attn"),
         row(r"attn\.attention\.out_proj", role="attn"),
         col(r"h\.\d+\.mlp\.c_fc", role="mlp"),
         row(r"h\.\d+\.mlp\.c_proj", role="mlp"),
-        vocab(r"lm_head", role="head"))),
+        vocab(r"lm_head", role="head")),
+        local_heads=((r"attn\.attention$", ("num_heads", "embed_dim")),)),
     ArchSpec("gptj", ("GPTJForCausalLM", "GPTJModel"), ("gptj",), (
         vocab(r"wte"),
         col(r"attn\.[qkv]_proj", role="attn"),
         row(r"attn\.out_proj", role="attn"),
         col(r"mlp\.fc_in", role="mlp"),
         row(r"mlp\.fc_out", role="mlp"),
-        vocab(r"lm_head", role="head"))),
+        vocab(r"lm_head", role="head")),
+        local_heads=((r"attn$", ("num_attention_heads", "embed_dim")),)),
     ArchSpec("gpt_neox", ("GPTNeoXForCausalLM", "GPTNeoXModel"), ("gpt_neox",), (
         vocab(r"embed_in"),
         col(r"attention\.query_key_value", role="attn"),   # [heads, 3, hd] rows: whole heads
         row(r"attention\.dense", role="attn"),
         col(r"mlp\.dense_h_to_4h", role="mlp"),
         row(r"mlp\.dense_4h_to_h", role="mlp"),
-        vocab(r"embed_out", role="head"))),
+        vocab(r"embed_out|lm_head", role="head")),
+        renames=((r"^lm_head\.", "embed_out."),)),
     ArchSpec("opt", ("OPTForCausalLM", "OPTModel"), ("opt",), (
         vocab(r"embed_tokens"),
         col(r"self_attn\.[qkv]_proj", role="attn"),
         row(r"self_attn\.out_proj", role="attn"),
         col(r"layers\.\d+\.fc1", role="mlp"),
         row(r"layers\.\d+\.fc2", role="mlp"),
-        vocab(r"lm_head", role="head"))),
+        vocab(r"lm_head", role="head")),
+        local_heads=((r"self_attn$", ("num_heads", "embed_dim")),)),
     ArchSpec("bloom", ("BloomForCausalLM", "BloomModel"), ("bloom",), (
         vocab(r"word_embeddings"),
         col(r"self_attention\.query_key_value", role="attn"),  # [heads, 3, hd] rows
         row(r"self_attention\.dense", role="attn"),
         col(r"mlp\.dense_h_to_4h", role="mlp"),
         row(r"mlp\.dense_4h_to_h", role="mlp"),
-        vocab(r"lm_head", role="head"))),
+        vocab(r"lm_head", role="head")),
+        local_heads=((r"self_attention$", ("num_heads",)),),
+        hooks=((r"self_attention$", "alibi_local_heads"),)),
     ArchSpec("llama", ("LlamaForCausalLM", "LlamaModel", "MistralForCausalLM",
                        "Qwen2ForCausalLM"), ("llama", "mistral", "qwen2"), (
         vocab(r"embed_tokens"),
@@ -183,7 +197,8 @@ SPECS: List[ArchSpec] = [
         col(r"intermediate\.dense", role="mlp"),
         row(r"layer\.\d+\.output\.dense", role="mlp"),
         vocab(r"cls\.predictions\.decoder", role="head"),
-        vocab(r"cls\.predictions", role="head"))),   # the output bias [vocab]
+        vocab(r"cls\.predictions", role="head")),   # the output bias [vocab]
+        local_heads=((r"attention\.self$", ("num_attention_heads", "all_head_size")),)),
     ArchSpec("t5", ("T5ForConditionalGeneration", "T5Model", "T5EncoderModel"), ("t5",), (
         vocab(r"shared|embed_tokens"),
         col(r"(SelfAttention|EncDecAttention)\.[qkv]", role="attn"),
@@ -191,7 +206,8 @@ SPECS: List[ArchSpec] = [
         col(r"relative_attention_bias", dim=1, role="position"),   # [buckets, heads]
         col(r"DenseReluDense\.wi(_0|_1)?", role="mlp"),
         row(r"DenseReluDense\.wo", role="mlp"),
-        vocab(r"lm_head", role="head"))),
+        vocab(r"lm_head", role="head")),
+        local_heads=((r"(SelfAttention|EncDecAttention)$", ("n_heads", "inner_dim")),)),
 ]
 
 _BY_KEY: Dict[str, ArchSpec] = {}

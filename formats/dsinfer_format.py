@@ -80,7 +80,7 @@ def load_manifest(path: Path) -> Tuple[Path, dict]:
     return root, manifest
 
 
-class _Files:
+class RankFiles:
     """Opens each rank file at most once (header only) and checks its size against the
     manifest, which catches truncation without hashing."""
 
@@ -117,13 +117,21 @@ class _Files:
 def read_rank(path: Path, rank: int) -> Dict[str, torch.Tensor]:
     """Rank `rank`'s slices only, as stored: what a runtime rank loads."""
     root, manifest = load_manifest(path)
-    files = _Files(root, manifest)
+    files = RankFiles(root, manifest)
     return {name: files.read(name, rank) for name in manifest["tensors"]}
+
+
+def read_config(root: Path) -> dict:
+    path = root / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def read(path: Path, options=None) -> Checkpoint:
     root, manifest = load_manifest(path)
-    files = _Files(root, manifest)
+    files = RankFiles(root, manifest)
     tp = manifest["tp_size"]
     tensors = []
     for name, info in manifest["tensors"].items():
@@ -131,8 +139,7 @@ def read(path: Path, options=None) -> Checkpoint:
         load = (lambda n=name, p=placement: unshard([files.read(n, r) for r in range(tp)], p))
         tensors.append(TensorRef(name, tuple(info["shape"]), dtype_from_name(info["dtype"]),
                                  load=load))
-    config_path = root / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_config(root)
     config.setdefault("architectures", [manifest["architecture"]])
     source = {"format": FORMAT, "tp_size": tp}
     return Checkpoint(FORMAT, config, tensors, find_extra_files(root), source, manifest)

@@ -1,0 +1,198 @@
+"""init_inference: the DeepSpeed-Inference entry point, on dsinfer's loader and TP modules."""
+from __future__ import annotations
+
+import datetime
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dsinfer import specs
+from dsinfer.formats import CheckpointError
+from dsinfer.loading import RankSource, from_state_dict, open_rank_source
+from dsinfer.materialize import load_into
+from dsinfer.quantize import QuantConfig
+from dsinfer.reshard import DTYPES
+from dsinfer.tp import TPGroup
+
+log = logging.getLogger("dsinfer")
+TIMEOUT_S = int(os.environ.get("DSINFER_TIMEOUT", "300"))   # collectives never hang forever
+DTYPE_ARGS = {**DTYPES, "int8": torch.int8, "half": torch.float16, "float": torch.float32}
+
+
+class InferenceEngine(torch.nn.Module):
+    """Holds the ready model as `.module`; calling the engine calls the model."""
+
+    def __init__(self, module: torch.nn.Module, tp: TPGroup, device: torch.device):
+        super().__init__()
+        self.module, self.tp, self.device = module, tp, device
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.module.generate(*args, **kwargs)
+
+
+def _tp_size(tensor_parallel, mp_size) -> int:
+    if mp_size is not None:
+        log.warning("dsinfer: mp_size is deprecated; use tensor_parallel={'tp_size': N}")
+        return int(mp_size)
+    if tensor_parallel is None:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    if isinstance(tensor_parallel, int):
+        return tensor_parallel
+    size = getattr(tensor_parallel, "tp_size", None) or dict(tensor_parallel).get("tp_size")
+    return int(size or 1)
+
+
+def init_group(tp_size: int) -> TPGroup:
+    """torch.distributed with NCCL on GPU, gloo on CPU; tp_size must equal the world size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp_size != world:
+        raise CheckpointError(
+            f"tensor_parallel tp_size={tp_size} but {world} process(es) are running: launch "
+            f"with `dsinfer --num_gpus {tp_size} script.py` (or torchrun --nproc_per_node {tp_size})")
+    if world == 1:
+        return TPGroup(0, 1, None)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    return TPGroup(dist.get_rank(), dist.get_world_size(), None)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _quant_config(setting) -> Optional[QuantConfig]:
+    """(groups, mlp_extra_grouping) as the tutorial writes it, (mlp_extra_grouping, groups) as
+    DeepSpeed's code reads it, or an int (groups)."""
+    if setting is None:
+        return None
+    if isinstance(setting, QuantConfig):
+        return setting
+    if isinstance(setting, (int, str)) and not isinstance(setting, bool):
+        return QuantConfig(groups=setting)
+    a, b = tuple(setting)
+    if isinstance(a, bool):
+        a, b = b, a
+    return QuantConfig(groups=a, mlp_extra_grouping=bool(b))
+
+
+def _resolve_checkpoint(checkpoint, base_dir) -> Optional[Path]:
+    if checkpoint is None:
+        return None
+    if isinstance(checkpoint, dict):
+        raise CheckpointError("checkpoint as a dict is not supported: pass the path of a "
+                              "dsinfer folder, its dsinfer.json, or a checkpoint.json")
+    path = Path(base_dir) / checkpoint if base_dir and not Path(checkpoint).is_absolute() else Path(checkpoint)
+    return path
+
+
+def _check_architecture(spec: specs.ArchSpec, source: RankSource) -> None:
+    if not source.architecture:
+        return
+    try:
+        theirs = specs.get(source.architecture)
+    except CheckpointError:
+        return
+    if theirs.name != spec.name.split("+")[0]:
+        raise CheckpointError(f"the checkpoint holds a {source.architecture} ({theirs.name}), "
+                              f"the model is {spec.name}: build the model from the checkpoint's "
+                              "config.json")
+
+
+def _spec(model, injection_policy) -> specs.ArchSpec:
+    try:
+        base = specs.for_config(model.config.to_dict())
+    except CheckpointError:
+        if not injection_policy:
+            raise CheckpointError(
+                f"{type(model).__name__} has no dsinfer TP plan; pass injection_policy="
+                "{BlockClass: ('attn.out_proj', 'mlp.fc2')} naming the rowwise linears") from None
+        base = None
+    if injection_policy:
+        from dsinfer.policy import spec_from_policy
+        try:
+            return spec_from_policy(model, injection_policy, base)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    return base
+
+
+def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dtype=None,
+                   checkpoint=None, base_dir="", replace_with_kernel_inject=False,
+                   injection_policy=None, quantization_setting=None, max_out_tokens=1024,
+                   enable_cuda_graph=False, verify=False, **kwargs) -> InferenceEngine:
+    """Shard `model` over the launched processes and load its weights for inference.
+
+    `model` may be built on the meta device when `checkpoint` is given (a dsinfer folder, its
+    dsinfer.json, or a DeepSpeed tutorial checkpoint.json); rank r then reads only rank r's
+    files of a pre-sharded checkpoint. Returns an engine whose `.module` is the ready model
+    (HF `generate` and pipelines work on it)."""
+    if isinstance(config, dict):
+        return init_inference(model, **{**config, **kwargs, "tensor_parallel": tensor_parallel
+                                        or config.get("tensor_parallel"), "dtype": dtype or
+                                        config.get("dtype"), "checkpoint": checkpoint or
+                                        config.get("checkpoint")})
+    if kwargs:
+        valid = [p for p in inspect.signature(init_inference).parameters if p not in ("model", "kwargs")]
+        raise CheckpointError(f"init_inference: unknown option(s) {sorted(kwargs)}; valid: "
+                              f"{', '.join(valid)}")
+    if replace_with_kernel_inject or enable_cuda_graph:
+        log.warning("dsinfer: fused-kernel injection and CUDA graphs are not available in this "
+                    "version; running the tensor-parallel torch modules")
+    qc = _quant_config(quantization_setting)
+    out_dtype = DTYPE_ARGS.get(str(dtype).replace("torch.", "")) if dtype is not None else None
+    if out_dtype is torch.int8:
+        qc, out_dtype = qc or QuantConfig(), None
+    tp = init_group(_tp_size(tensor_parallel, mp_size))
+    device = _device()
+    spec = _spec(model, injection_policy)
+    path = _resolve_checkpoint(checkpoint, base_dir)
+    if path is not None:
+        source = open_rank_source(path, spec, tp.size, tp.rank, qc)
+        _check_architecture(spec, source)
+    else:
+        if any(p.is_meta for p in model.parameters()):
+            raise CheckpointError("the model is on the meta device and no checkpoint was "
+                                  "given: pass checkpoint=<dsinfer folder or checkpoint.json>")
+        state = {k: v for k, v in model.state_dict().items()}
+        source = from_state_dict(state, model.config.to_dict(), spec, tp.size, tp.rank) if qc is None \
+            else _quantized_state_source(state, model, spec, tp, qc)
+    load_into(model, spec, source, tp, device, out_dtype)
+    return InferenceEngine(model, tp, device)
+
+
+def _quantized_state_source(state, model, spec, tp, qc) -> RankSource:
+    from dsinfer.formats import Checkpoint, TensorRef
+    from dsinfer.loading import from_checkpoint
+    from dsinfer.quantize import quantized_view
+    refs = [TensorRef(n, tuple(t.shape), t.dtype, load=lambda t=t: t) for n, t in state.items()]
+    ckpt, _ = quantized_view(Checkpoint("model", model.config.to_dict(), refs), spec, qc, {})
+    return from_checkpoint(ckpt, spec, tp.size, tp.rank)
+
+
+def from_pretrained(path, tp_size: Optional[int] = None, dtype=None, model_class=None,
+                    **kwargs) -> InferenceEngine:
+    """The common case: build the model from the checkpoint's config on the meta device and
+    load this rank's shard. `model_class` defaults to AutoModelForCausalLM (or Seq2Seq)."""
+    import transformers as tf
+    from dsinfer.formats.dsinfer_format import load_manifest, read_config
+    root, _ = load_manifest(Path(path))
+    config = tf.AutoConfig.for_model(**read_config(root))
+    cls = model_class or (tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder
+                          else tf.AutoModelForCausalLM)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    tp = {"tp_size": tp_size} if tp_size else None
+    return init_inference(model, tensor_parallel=tp, dtype=dtype, checkpoint=path, **kwargs)

@@ -1,0 +1,90 @@
+"""Where a rank's weights come from: this rank's slice of every checkpoint tensor, at the
+runtime TP degree, read without touching other ranks' data whenever the checkpoint allows."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from dsinfer import specs
+from dsinfer.formats import CheckpointError, Placement, open_checkpoint
+from dsinfer.formats import dsinfer_format
+from dsinfer.formats.layout import shard
+
+log = logging.getLogger("dsinfer")
+
+
+class RankSource:
+    """names: checkpoint tensor names; placement(name), style(name); get(name) -> this rank's
+    slice (CPU). Pre-sharded dsinfer checkpoints at the same TP read only this rank's files."""
+
+    def __init__(self, placements: Dict[str, Placement], styles: Dict[str, str], getter,
+                 shapes: Dict[str, Tuple[int, ...]], config: dict,
+                 quantization: Optional[dict] = None, architecture: Optional[str] = None):
+        self.placements, self.styles, self._get = placements, styles, getter
+        self.shapes, self.config, self.quantization = shapes, config, quantization
+        self.architecture = architecture
+
+    @property
+    def names(self):
+        return self.placements.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._get(name)
+
+
+def from_presharded(path: Path, rank: int) -> RankSource:
+    """A dsinfer checkpoint whose TP equals the world size: rank r opens rank r's files only."""
+    root, manifest = dsinfer_format.load_manifest(path)
+    files = dsinfer_format.RankFiles(root, manifest)
+    tensors = manifest["tensors"]
+    placements = {n: Placement.from_json(i) for n, i in tensors.items()}
+    styles = {n: i.get("style", "replicate") for n, i in tensors.items()}
+    config = dsinfer_format.read_config(root)
+    return RankSource(placements, styles, lambda n: files.read(n, rank),
+                      {n: tuple(i["shape"]) for n, i in tensors.items()}, config,
+                      manifest.get("quantization"), manifest.get("architecture"))
+
+
+def from_checkpoint(ckpt, spec, tp: int, rank: int) -> RankSource:
+    """Any readable checkpoint: each tensor is loaded whole and sliced for this rank."""
+    placements, styles = specs.plan(spec, ckpt.config, ckpt.tensors, tp)
+    refs = ckpt.by_name()
+    quant = (ckpt.manifest or {}).get("quantization")
+    return RankSource(placements, styles,
+                      lambda n: shard(refs[n].load(), placements[n], tp, rank).contiguous(),
+                      {n: tuple(r.shape) for n, r in refs.items()}, ckpt.config, quant,
+                      ckpt.config.get("architectures", [None])[0])
+
+
+def open_rank_source(path, spec, tp: int, rank: int, quantization=None) -> RankSource:
+    """Chooses the fast path (pre-sharded, same TP) or the general one, with a warning."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file or directory")
+    if dsinfer_format.sniff(path) and quantization is None:
+        _, manifest = dsinfer_format.load_manifest(path)
+        if manifest["tp_size"] == tp:
+            return from_presharded(path, rank)
+        log.warning("dsinfer: checkpoint %s is sharded for TP %d, running TP %d: re-sharding "
+                    "at load (pre-shard with `dsinfer-reshard --tp %d` to load faster)",
+                    path, manifest["tp_size"], tp, tp)
+    elif tp > 1 or quantization is not None:
+        log.warning("dsinfer: %s is not pre-sharded for TP %d: every rank reads the full "
+                    "tensors (pre-shard with `dsinfer-reshard`/`dsinfer-quantize --tp %d` to "
+                    "load faster)", path, tp, tp)
+    ckpt = open_checkpoint(path)
+    if quantization is not None:
+        from dsinfer.quantize import quantized_view
+        ckpt, _ = quantized_view(ckpt, spec, quantization, {})
+    return from_checkpoint(ckpt, spec, tp, rank)
+
+
+def from_state_dict(state: Dict[str, torch.Tensor], config: dict, spec, tp: int,
+                    rank: int) -> RankSource:
+    """A model that already holds its full weights (no checkpoint given)."""
+    from dsinfer.formats import Checkpoint, TensorRef
+    refs = [TensorRef(n, tuple(t.shape), t.dtype, load=lambda t=t: t) for n, t in state.items()]
+    return from_checkpoint(Checkpoint("model", config, refs), spec, tp, rank)
