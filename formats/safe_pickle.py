@@ -39,6 +39,9 @@ _stand_ins: Dict[str, type] = {}
 class InertObject:
     """Stand-in for a foreign class: records constructor args and pickled state, runs nothing."""
 
+    _args: tuple = ()   # defaults for objects rebuilt without __init__ (NEWOBJ + BUILD)
+    _kwargs: dict = {}
+
     def __init__(self, *args, **kwargs):
         self._args = args
         self._kwargs = kwargs

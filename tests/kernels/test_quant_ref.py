@@ -33,7 +33,8 @@ def test_error_within_half_a_step(case, scale_dtype):
     step = s.float().repeat_interleave(w.shape[0] // groups, 0)
     step = step.repeat_interleave(w.shape[1] // step.shape[1], 1)
     err = (w.float() - dequantize_ref(q, s)).abs()
-    assert bool((err <= step / 2 * (1 + 1e-6) + 1e-30).all())
+    # half a step, up to fp32 rounding of w/s and q*s at exact .5 ties (a few ulp)
+    assert bool((err <= step / 2 * (1 + 1e-5) + 1e-30).all())
 
 
 def test_groups_are_contiguous_row_blocks():
