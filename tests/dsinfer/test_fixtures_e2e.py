@@ -63,3 +63,31 @@ def test_megatron_vocab_size_strips_padding(tmp_path):
     want = oracle["logits"][..., :100]
     # removing padding rows changes nothing for the real vocab rows
     assert (logits - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+DEEPSPEED = FIXTURES / "deepspeed"
+DS_CASES = [f"{ws}/{name}" for ws in ("ws1", "ws2")
+            for name in ("gpt2_zero0", "gpt2_zero2", "gpt2_zero3", "gptneo_ds_inference/presharded")]
+
+
+@pytest.mark.parametrize("case", DS_CASES)
+@pytest.mark.parametrize("via_tp", [1, 2])
+def test_deepspeed_fixture_to_hf_equals_reference(case, via_tp, tmp_path):
+    folder = DEEPSPEED / case.replace("/presharded", "")
+    ref_file = next(folder.glob("reference_fp*.safetensors"))
+    reference = load_file(ref_file)
+    src = DEEPSPEED / case
+    if via_tp > 1:
+        reshard(src, tmp_path / "tp", tp=via_tp, progress=False)
+        src = tmp_path / "tp"
+    reshard(src, tmp_path / "hf", tp=1, to="hf", progress=False)
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    tied = {"lm_head.weight"} - set(got)
+    assert set(got) | tied == set(reference)
+    for name, t in got.items():
+        assert torch.equal(t, reference[name].to(t.dtype)), name
+    # transformers loads the folder (config copied, tied head restored)
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert torch.equal(model.get_output_embeddings().weight.detach(),
+                       reference["lm_head.weight"].float() if "lm_head.weight" in reference
+                       else model.get_input_embeddings().weight.detach())

@@ -1,0 +1,63 @@
+"""Runs under the launcher (one process per rank): loads pre-sharded checkpoints into
+meta-device models with dsinfer.init_inference and compares with plain HF.
+
+usage: runtime_worker.py WORKDIR OUT_JSON CASE...    CASE = arch:checkpoint_subdir[:int8]
+Every rank writes OUT_JSON.rank{r}; the test reads them. Files opened by this process are
+recorded with an audit hook, so the test can check rank r never opened another rank's files."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+OPENED = []
+sys.addaudithook(lambda event, args: OPENED.append(str(args[0])) if event == "open" and args
+                 and isinstance(args[0], (str, bytes, os.PathLike)) else None)
+
+from helpers import hf_models  # noqa: E402  (after the hook: record everything)
+
+import dsinfer  # noqa: E402
+from dsinfer.quantize import dequantized_state_dict  # noqa: E402
+
+
+def reference(arch: str, checkpoint: Path, int8: bool):
+    model = hf_models.build(arch)
+    if int8:  # HF on the dequantized weights of the int8 checkpoint
+        model.load_state_dict(dequantized_state_dict(checkpoint), strict=False)
+    return model
+
+
+def run_case(workdir: Path, case: str) -> dict:
+    arch, sub, *flags = case.split(":")
+    checkpoint = workdir / arch / sub
+    ref = reference(arch, checkpoint, "int8" in flags)
+    x = hf_models.inputs(ref)
+    with torch.device("meta"):
+        meta = type(ref)(ref.config)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    engine = dsinfer.init_inference(meta, tensor_parallel={"tp_size": world},
+                                    checkpoint=str(checkpoint))
+    with torch.no_grad():
+        want, got = ref(**x).logits, engine.module(**x).logits
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    same = None
+    if not ref.config.is_encoder_decoder:
+        ids = x["input_ids"][:1]
+        a = ref.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        b = engine.module.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        same = torch.equal(a, b)
+    return {"rel_err": rel, "generate_same": same}
+
+
+def main():
+    workdir, out = Path(sys.argv[1]), sys.argv[2]
+    rank = int(os.environ.get("RANK", "0"))
+    results = {case: run_case(workdir, case) for case in sys.argv[3:]}
+    rank_files = sorted({p for p in OPENED if "/rank-" in p})
+    Path(f"{out}.rank{rank}").write_text(json.dumps({"results": results,
+                                                      "rank_files": rank_files}))
+
+
+if __name__ == "__main__":
+    main()
