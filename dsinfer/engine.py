@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import inspect
-import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from dsinfer import specs
+from dsinfer.log import info, warn
 from dsinfer.formats import CheckpointError
 from dsinfer.loading import RankSource, from_state_dict, open_rank_source
 from dsinfer.materialize import load_into
@@ -19,9 +19,11 @@ from dsinfer.quantize import QuantConfig
 from dsinfer.reshard import DTYPES
 from dsinfer.tp import TPGroup
 
-log = logging.getLogger("dsinfer")
 TIMEOUT_S = int(os.environ.get("DSINFER_TIMEOUT", "300"))   # collectives never hang forever
 DTYPE_ARGS = {**DTYPES, "int8": torch.int8, "half": torch.float16, "float": torch.float32}
+# DeepSpeed options accepted for compatibility that change nothing here.
+IGNORED = ("replace_method", "return_tuple", "training_mp_size", "triangular_masking",
+           "moe", "moe_experts", "moe_type", "use_triton", "triton_autotune", "zero")
 
 
 class InferenceEngine(torch.nn.Module):
@@ -37,10 +39,18 @@ class InferenceEngine(torch.nn.Module):
     def generate(self, *args, **kwargs):
         return self.module.generate(*args, **kwargs)
 
+    def __getattr__(self, name: str):
+        # `pipe.model = init_inference(pipe.model, ...)`: the pipeline keeps reading the model's
+        # attributes (config, generation_config, device, can_generate ...) through the engine.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
 
 def _tp_size(tensor_parallel, mp_size) -> int:
     if mp_size is not None:
-        log.warning("dsinfer: mp_size is deprecated; use tensor_parallel={'tp_size': N}")
+        warn("dsinfer: mp_size is deprecated; use tensor_parallel={'tp_size': N}")
         return int(mp_size)
     if tensor_parallel is None:
         return int(os.environ.get("WORLD_SIZE", "1"))
@@ -144,12 +154,16 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
                                         or config.get("tensor_parallel"), "dtype": dtype or
                                         config.get("dtype"), "checkpoint": checkpoint or
                                         config.get("checkpoint")})
+    ignored = [k for k in kwargs if k in IGNORED]
+    if ignored:
+        info("dsinfer: ignoring DeepSpeed option(s) %s", ", ".join(ignored))
+        kwargs = {k: v for k, v in kwargs.items() if k not in IGNORED}
     if kwargs:
         valid = [p for p in inspect.signature(init_inference).parameters if p not in ("model", "kwargs")]
         raise CheckpointError(f"init_inference: unknown option(s) {sorted(kwargs)}; valid: "
                               f"{', '.join(valid)}")
     if replace_with_kernel_inject or enable_cuda_graph:
-        log.warning("dsinfer: fused-kernel injection and CUDA graphs are not available in this "
+        warn("dsinfer: fused-kernel injection and CUDA graphs are not available in this "
                     "version; running the tensor-parallel torch modules")
     qc = _quant_config(quantization_setting)
     out_dtype = DTYPE_ARGS.get(str(dtype).replace("torch.", "")) if dtype is not None else None
@@ -170,7 +184,19 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
         source = from_state_dict(state, model.config.to_dict(), spec, tp.size, tp.rank) if qc is None \
             else _quantized_state_source(state, model, spec, tp, qc)
     load_into(model, spec, source, tp, device, out_dtype)
+    _same_rng_on_all_ranks(tp, device)
     return InferenceEngine(model, tp, device)
+
+
+def _same_rng_on_all_ranks(tp: TPGroup, device) -> None:
+    """Every rank samples its own next token from identical logits: sampling (do_sample=True)
+    stays in step only if all ranks draw the same random numbers, so rank 0's RNG seeds all."""
+    if tp.size == 1:
+        return
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+    seed = seed.to(device) if device.type == "cuda" else seed
+    dist.broadcast(seed, src=0, group=tp.group)
+    torch.manual_seed(int(seed.item()))
 
 
 def _quantized_state_source(state, model, spec, tp, qc) -> RankSource:

@@ -2,18 +2,17 @@
 runtime TP degree, read without touching other ranks' data whenever the checkpoint allows."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from dsinfer import specs
+from dsinfer.log import warn
 from dsinfer.formats import CheckpointError, Placement, open_checkpoint
 from dsinfer.formats import dsinfer_format
 from dsinfer.formats.layout import shard
 
-log = logging.getLogger("dsinfer")
 
 
 class RankSource:
@@ -56,7 +55,7 @@ def from_checkpoint(ckpt, spec, tp: int, rank: int) -> RankSource:
     return RankSource(placements, styles,
                       lambda n: shard(refs[n].load(), placements[n], tp, rank).contiguous(),
                       {n: tuple(r.shape) for n, r in refs.items()}, ckpt.config, quant,
-                      ckpt.config.get("architectures", [None])[0])
+                      (ckpt.config.get("architectures") or [None])[0])
 
 
 def open_rank_source(path, spec, tp: int, rank: int, quantization=None) -> RankSource:
@@ -68,11 +67,11 @@ def open_rank_source(path, spec, tp: int, rank: int, quantization=None) -> RankS
         _, manifest = dsinfer_format.load_manifest(path)
         if manifest["tp_size"] == tp:
             return from_presharded(path, rank)
-        log.warning("dsinfer: checkpoint %s is sharded for TP %d, running TP %d: re-sharding "
+        warn("dsinfer: checkpoint %s is sharded for TP %d, running TP %d: re-sharding "
                     "at load (pre-shard with `dsinfer-reshard --tp %d` to load faster)",
                     path, manifest["tp_size"], tp, tp)
     elif tp > 1 or quantization is not None:
-        log.warning("dsinfer: %s is not pre-sharded for TP %d: every rank reads the full "
+        warn("dsinfer: %s is not pre-sharded for TP %d: every rank reads the full "
                     "tensors (pre-shard with `dsinfer-reshard`/`dsinfer-quantize --tp %d` to "
                     "load faster)", path, tp, tp)
     ckpt = open_checkpoint(path)

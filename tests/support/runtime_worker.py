@@ -29,6 +29,7 @@ def reference(arch: str, checkpoint: Path, int8: bool):
 
 
 def run_case(workdir: Path, case: str) -> dict:
+    OPENED.clear()
     arch, sub, *flags = case.split(":")
     checkpoint = workdir / arch / sub
     ref = reference(arch, checkpoint, "int8" in flags)
@@ -47,16 +48,18 @@ def run_case(workdir: Path, case: str) -> dict:
         a = ref.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
         b = engine.module.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
         same = torch.equal(a, b)
-    return {"rel_err": rel, "generate_same": same}
+    return {"rel_err": rel, "generate_same": same,
+            "rank_files": sorted({p for p in OPENED if "/rank-" in p})}
 
 
 def main():
-    workdir, out = Path(sys.argv[1]), sys.argv[2]
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    workdir, out = Path(args[0]), args[1]
+    sys.argv[3:] = args[2:]
     rank = int(os.environ.get("RANK", "0"))
-    results = {case: run_case(workdir, case) for case in sys.argv[3:]}
-    rank_files = sorted({p for p in OPENED if "/rank-" in p})
-    Path(f"{out}.rank{rank}").write_text(json.dumps({"results": results,
-                                                      "rank_files": rank_files}))
+    cases = [a for a in sys.argv[3:] if not a.startswith("--local_rank")]
+    results = {case: run_case(workdir, case) for case in cases}
+    Path(f"{out}.rank{rank}").write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
