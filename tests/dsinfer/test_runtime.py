@@ -74,3 +74,55 @@ def test_tutorial_gptneo_pipeline(tmp_path):
     launch(2, SUPPORT / "seed_examples.py", "gptneo", tmp_path / "neo", smollm2_hf())
     a, b = results(tmp_path / "neo", 2)
     assert a["text"].startswith("DeepSpeed is") and a == b   # sampling stays in step on all ranks
+
+
+def _bigger_llama(root: Path) -> Path:
+    """~330 MB fp32 (TP 2: ~165 MB per rank), big enough for RSS to mean something."""
+    import torch
+    import transformers as tf
+    cfg = tf.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+                         tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(root / "hf")
+    reshard(root / "hf", root / "tp2", tp=2, progress=False)
+    return root / "tp2"
+
+
+def test_rank_memory_while_loading(tmp_path):
+    ckpt = _bigger_llama(tmp_path)
+    launch(2, SUPPORT / "load_worker.py", "rss", ckpt, tmp_path / "rss")
+    for r in results(tmp_path / "rss", 2):
+        grew = r["peak"] - r["before"]
+        print(f"rank load: shard {r['shard_bytes'] / 1e6:.0f} MB, RSS grew {grew / 1e6:.0f} MB")
+        assert r["shard_bytes"] > 100e6
+        assert grew <= r["shard_bytes"] + 300e6, r
+
+
+@pytest.mark.parametrize("mode,world,needle", [
+    ("heads", 3, "8 attention heads do not divide by TP 3"),
+    ("missing", 2, "rank-01-of-02/part-000.safetensors: rank file missing"),
+    ("truncated", 2, "truncated"),
+    ("arch", 2, "the checkpoint holds a LlamaForCausalLM"),
+    ("option", 2, "unknown option(s) ['tensor_paralel']"),
+    ("world", 2, "tp_size=3 but 2 process(es) are running"),
+])
+def test_bad_input_fails_cleanly_on_every_rank(mode, world, needle, workdir, tmp_path):
+    import shutil
+    ckpt = workdir / "llama" / ("hf" if mode == "heads" else "tp2")
+    if mode in ("missing", "truncated"):
+        ckpt = Path(shutil.copytree(ckpt, tmp_path / "ckpt"))
+        part = ckpt / "rank-01-of-02" / "part-000.safetensors"
+        if mode == "missing":
+            part.unlink()
+        else:
+            part.write_bytes(part.read_bytes()[:-64])
+    r = launch(world, SUPPORT / "load_worker.py", mode, ckpt, tmp_path / "o", timeout=300,
+               expect_ok=False)
+    assert r.returncode != 0
+    assert needle in r.stderr, r.stderr[-2000:]
+    assert "dsinfer: rank" in r.stderr   # the launcher names the failing rank and stops the rest
