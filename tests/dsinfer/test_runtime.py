@@ -49,14 +49,15 @@ def test_presharded_equals_hf(world, workdir, tmp_path):
     if world != 2:
         cases.append("llama:tp2")            # checkpoint TP 2, world 1 or 4: re-shard at load
     else:
-        cases.append("llama:int8tp2:int8")
+        cases += ["llama:int8tp2:int8", "gpt2:tp2:batch", "bloom:tp2:batch", "llama:tp2:bf16"]
     launch(world, SUPPORT / "runtime_worker.py", workdir, tmp_path / "out", *cases)
     per_rank = results(tmp_path / "out", world)
     for rank, res in enumerate(per_rank):
         for case, r in res.items():
-            limit = 2e-2 if case.endswith("int8") else 1e-4
+            limit = 2e-2 if case.endswith(("int8", "bf16")) else 1e-4
             assert r["rel_err"] <= limit, (rank, case, r["rel_err"])
-            assert r["generate_same"], (rank, case)
+            if not case.endswith("bf16"):   # bf16 sums in another order: tokens may differ
+                assert r["generate_same"], (rank, case)
             if case.split(":")[1] == f"tp{world}":   # pre-sharded at this TP: own files only
                 mine = f"rank-{rank:02d}-of-{world:02d}"
                 assert r["rank_files"] and all(mine in p for p in r["rank_files"]), r["rank_files"]

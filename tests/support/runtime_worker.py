@@ -37,8 +37,11 @@ def run_case(workdir: Path, case: str) -> dict:
     with torch.device("meta"):
         meta = type(ref)(ref.config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    dtype = torch.bfloat16 if "bf16" in flags else None
+    if dtype is not None:
+        ref = ref.to(dtype)
     engine = dsinfer.init_inference(meta, tensor_parallel={"tp_size": world},
-                                    checkpoint=str(checkpoint))
+                                    checkpoint=str(checkpoint), dtype=dtype)
     with torch.no_grad():
         want, got = ref(**x).logits, engine.module(**x).logits
     rel = ((got - want).abs().max() / want.abs().max()).item()
@@ -48,6 +51,13 @@ def run_case(workdir: Path, case: str) -> dict:
         a = ref.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
         b = engine.module.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
         same = torch.equal(a, b)
+        if "batch" in flags:  # left-padded batch: the second prompt is 4 tokens shorter
+            mask = torch.ones_like(x["input_ids"])
+            mask[1, :4] = 0
+            kw = dict(attention_mask=mask, max_new_tokens=16, min_new_tokens=16,
+                      do_sample=False, pad_token_id=0)
+            same = same and torch.equal(ref.generate(x["input_ids"], **kw),
+                                        engine.module.generate(x["input_ids"], **kw))
     return {"rel_err": rel, "generate_same": same,
             "rank_files": sorted({p for p in OPENED if "/rank-" in p})}
 
