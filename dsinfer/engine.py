@@ -174,7 +174,7 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     spec = _spec(model, injection_policy)
     path = _resolve_checkpoint(checkpoint, base_dir)
     if path is not None:
-        source = open_rank_source(path, spec, tp.size, tp.rank, qc)
+        source = open_rank_source(path, spec, tp.size, tp.rank, qc, device)
         _check_architecture(spec, source)
     else:
         if any(p.is_meta for p in model.parameters()):

@@ -11,6 +11,7 @@ from dsinfer import specs
 from dsinfer.log import warn
 from dsinfer.formats import CheckpointError, Placement, open_checkpoint
 from dsinfer.formats import dsinfer_format
+from dsinfer.formats.bulk_read import read_to_device
 from dsinfer.formats.layout import shard
 
 
@@ -34,15 +35,20 @@ class RankSource:
         return self._get(name)
 
 
-def from_presharded(path: Path, rank: int) -> RankSource:
-    """A dsinfer checkpoint whose TP equals the world size: rank r opens rank r's files only."""
+def from_presharded(path: Path, rank: int, device=None) -> RankSource:
+    """A dsinfer checkpoint whose TP equals the world size: rank r opens rank r's files only.
+    On a GPU the rank's files go to device memory in one overlapped pass (formats.bulk_read)."""
     root, manifest = dsinfer_format.load_manifest(path)
     files = dsinfer_format.RankFiles(root, manifest)
     tensors = manifest["tensors"]
     placements = {n: Placement.from_json(i) for n, i in tensors.items()}
     styles = {n: i.get("style", "replicate") for n, i in tensors.items()}
     config = dsinfer_format.read_config(root)
-    return RankSource(placements, styles, lambda n: files.read(n, rank),
+    getter = lambda n: files.read(n, rank)  # noqa: E731
+    if device is not None and torch.device(device).type == "cuda":
+        loaded = read_to_device([f.path for f in files.rank_files(rank)], device)
+        getter = lambda n: loaded.pop(n) if n in loaded else files.read(n, rank)  # noqa: E731
+    return RankSource(placements, styles, getter,
                       {n: tuple(i["shape"]) for n, i in tensors.items()}, config,
                       manifest.get("quantization"), manifest.get("architecture"))
 
@@ -58,7 +64,8 @@ def from_checkpoint(ckpt, spec, tp: int, rank: int) -> RankSource:
                       (ckpt.config.get("architectures") or [None])[0])
 
 
-def open_rank_source(path, spec, tp: int, rank: int, quantization=None) -> RankSource:
+def open_rank_source(path, spec, tp: int, rank: int, quantization=None, device=None
+                     ) -> RankSource:
     """Chooses the fast path (pre-sharded, same TP) or the general one, with a warning."""
     path = Path(path)
     if not path.exists():
@@ -66,7 +73,7 @@ def open_rank_source(path, spec, tp: int, rank: int, quantization=None) -> RankS
     if dsinfer_format.sniff(path) and quantization is None:
         _, manifest = dsinfer_format.load_manifest(path)
         if manifest["tp_size"] == tp:
-            return from_presharded(path, rank)
+            return from_presharded(path, rank, device)
         warn("dsinfer: checkpoint %s is sharded for TP %d, running TP %d: re-sharding "
                     "at load (pre-shard with `dsinfer-reshard --tp %d` to load faster)",
                     path, manifest["tp_size"], tp, tp)

@@ -102,8 +102,13 @@ class RankFiles:
         return self.cache[rel]
 
     def read(self, name: str, rank: int) -> torch.Tensor:
+        f = self.get(rank, self.manifest["tensors"][name].get("part", 0))
+        self.check(f, name)
+        return f.read(name)
+
+    def check(self, f: SafetensorsFile, name: str) -> None:
+        """The rank file holds `name` with the shape the manifest implies for a rank."""
         info = self.manifest["tensors"][name]
-        f = self.get(rank, info.get("part", 0))
         if name not in f.entries:
             raise CheckpointError(f"{f.path}: tensor '{name}' missing (the manifest lists it)")
         want = Placement.from_json(info).shard_shape(info["shape"], self.manifest["tp_size"])
@@ -111,7 +116,14 @@ class RankFiles:
             raise CheckpointError(f"{f.path}: tensor '{name}' has shape {list(f.shape(name))}, "
                                   f"the manifest implies {list(want)} for this rank; the files "
                                   "do not belong together (re-run dsinfer-reshard)")
-        return f.read(name)
+
+    def rank_files(self, rank: int) -> List[SafetensorsFile]:
+        """Every part file of one rank, opened (headers) and checked against the manifest."""
+        parts = sorted({i.get("part", 0) for i in self.manifest["tensors"].values()})
+        files = [self.get(rank, k) for k in parts]
+        for name, info in self.manifest["tensors"].items():
+            self.check(files[parts.index(info.get("part", 0))], name)
+        return files
 
 
 def read_rank(path: Path, rank: int) -> Dict[str, torch.Tensor]:

@@ -42,6 +42,8 @@ def run_case(workdir: Path, case: str) -> dict:
         ref = ref.to(dtype)
     engine = dsinfer.init_inference(meta, tensor_parallel={"tp_size": world},
                                     checkpoint=str(checkpoint), dtype=dtype)
+    ref = ref.to(engine.device)   # on a GPU machine: cuda:LOCAL_RANK, else the CPU
+    x = {k: v.to(engine.device) for k, v in x.items()}
     with torch.no_grad():
         want, got = ref(**x).logits, engine.module(**x).logits
     rel = ((got - want).abs().max() / want.abs().max()).item()

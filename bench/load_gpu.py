@@ -1,0 +1,156 @@
+"""Load time of a pre-sharded fp16 checkpoint to ready-on-GPU, beside HF and raw safetensors.
+
+usage: python3 bench/load_gpu.py SECTION... [--workdir DIR] [--out FILE.jsonl]
+  make-neo     write a random fp16 GPT-Neo-2.7B-shaped HF checkpoint and reshard it to TP 1, 2
+  hf           transformers from_pretrained(dtype=fp16, device_map="cuda")
+  raw          safetensors.torch.load_file(device="cuda") of every shard
+  dsinfer      meta-device model + dsinfer.init_inference(checkpoint=<TP 1 dsinfer folder>)
+  check        dsinfer's model vs HF's on one input (max rel. logit difference)
+Timed sections run in a fresh subprocess twice (the second with a warm page cache); only the
+load call is timed (imports and interpreter start are not). Results: JSON lines.
+Under torchrun with WORLD_SIZE 2, `dsinfer` loads the TP 2 folder (time = slowest rank).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+NEO = dict(hidden_size=2560, num_layers=32, num_heads=20, vocab_size=50257,
+           max_position_embeddings=2048, attention_types=[[["global", "local"], 16]],
+           window_size=256, intermediate_size=None)
+
+
+def make_neo(work: Path) -> None:
+    import transformers as tf
+    from dsinfer.reshard import reshard
+    cfg = tf.GPTNeoConfig(**NEO, torch_dtype="float16")
+    with torch.device("meta"):
+        model = tf.GPTNeoForCausalLM(cfg)
+    hf = work / "neo-hf"
+    if not (hf / "config.json").exists():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        with torch.device("cuda"):
+            model = model.to_empty(device="cuda").half()
+            for p in model.parameters():
+                p.data.normal_(0, 0.02, generator=g)
+        t = time.perf_counter()
+        model.save_pretrained(hf, max_shard_size="10GB")
+        print(json.dumps({"section": "make-neo", "write_s": time.perf_counter() - t}))
+        del model
+    for tp in (1, 2):
+        if not (work / f"neo-tp{tp}" / "dsinfer.json").exists():
+            res = reshard(hf, work / f"neo-tp{tp}", tp=tp, progress=False)
+            print(json.dumps({"section": f"reshard-tp{tp}", "seconds": res.seconds,
+                              "bytes": res.bytes}))
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def load_hf(work: Path) -> float:
+    import transformers as tf
+    t = time.perf_counter()
+    tf.AutoModelForCausalLM.from_pretrained(work / "neo-hf", dtype=torch.float16,
+                                            device_map="cuda")
+    _sync()
+    return time.perf_counter() - t
+
+
+def load_raw(work: Path) -> float:
+    from safetensors.torch import load_file
+    t = time.perf_counter()
+    for f in sorted((work / "neo-hf").glob("*.safetensors")):
+        load_file(f, device="cuda")
+    _sync()
+    return time.perf_counter() - t
+
+
+def load_dsinfer(work: Path) -> float:
+    import transformers as tf
+    import dsinfer
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ckpt = work / f"neo-tp{world}"
+    cfg = tf.AutoConfig.from_pretrained(ckpt)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    t = time.perf_counter()
+    dsinfer.init_inference(model, tensor_parallel={"tp_size": world}, checkpoint=str(ckpt),
+                           dtype=torch.float16)
+    _sync()
+    return time.perf_counter() - t
+
+
+def check(work: Path) -> dict:
+    import transformers as tf
+    import dsinfer
+    ref = tf.AutoModelForCausalLM.from_pretrained(work / "neo-hf", dtype=torch.float16,
+                                                  device_map="cuda").eval()
+    cfg = tf.AutoConfig.from_pretrained(work / "neo-tp1")
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    eng = dsinfer.init_inference(model, checkpoint=str(work / "neo-tp1"), dtype=torch.float16)
+    ids = torch.randint(0, 50257, (1, 32), device="cuda")
+    with torch.no_grad():
+        a, b = ref(ids).logits.float(), eng.module(ids).logits.float()
+    same = torch.equal(ref.generate(ids, max_new_tokens=8, do_sample=False),
+                       eng.module.generate(ids, max_new_tokens=8, do_sample=False))
+    return {"rel_err": ((a - b).abs().max() / a.abs().max()).item(), "generate_same": same}
+
+
+TIMED = {"hf": load_hf, "raw": load_raw, "dsinfer": load_dsinfer}
+
+
+def child(section: str, work: Path) -> None:
+    if section == "check":
+        print(json.dumps({"section": "check", **check(work)}))
+        return
+    secs = TIMED[section](work)
+    rank = int(os.environ.get("RANK", "0"))
+    print(json.dumps({"section": section, "rank": rank, "world": int(os.environ.get(
+        "WORLD_SIZE", "1")), "seconds": round(secs, 3)}), flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="+")
+    p.add_argument("--workdir", default="/tmp/dsinfer-bench")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--nproc", type=int, default=1, help="ranks for the dsinfer section")
+    args = p.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        child(args.sections[0], work)
+        return 0
+    for s in args.sections:
+        if s == "make-neo":
+            make_neo(work)
+            continue
+        for attempt in ("cold-ish", "warm"):
+            cmd = [sys.executable, __file__, s, "--workdir", str(work), "--child"]
+            if s == "dsinfer" and args.nproc > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                       str(args.nproc), *cmd[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+            if out.returncode or not lines:
+                print(json.dumps({"section": s, "error": out.stderr[-1500:]}), flush=True)
+                break
+            secs = max(ln.get("seconds", 0) for ln in lines)
+            print(json.dumps({**lines[0], "attempt": attempt, "seconds": secs,
+                              "nproc": args.nproc if s == "dsinfer" else 1}), flush=True)
+            if s == "check":
+                break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
