@@ -174,7 +174,8 @@ def _plan_parts(tensors: List[TensorRef], shard_bytes: Dict[str, int], max_bytes
 def _rank_slice(t: TensorRef, p: Placement, tp: int, rank: int, full) -> torch.Tensor:
     if full is not None:
         return shard(full, p, tp, rank)
-    return torch.cat([t.load_rows(a, b) for a, b in shard_rows(p, t.shape, tp, rank)])
+    pieces = [t.load_rows(a, b) for a, b in shard_rows(p, t.shape, tp, rank)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def write(out: Path, ckpt: Checkpoint, tp: int, placements: Dict[str, Placement],
