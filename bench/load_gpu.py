@@ -7,7 +7,8 @@ usage: python3 bench/load_gpu.py SECTION... [--workdir DIR] [--out FILE.jsonl]
   dsinfer      meta-device model + dsinfer.init_inference(checkpoint=<TP 1 dsinfer folder>)
   check        dsinfer's model vs HF's on one input (max rel. logit difference)
 Timed sections run in a fresh subprocess twice (the second with a warm page cache); only the
-load call is timed (imports and interpreter start are not). Results: JSON lines.
+load call is timed (imports, interpreter start and CUDA context creation are not, for every
+section alike). Results: JSON lines.
 Under torchrun with WORLD_SIZE 2, `dsinfer` loads the TP 2 folder (time = slowest rank).
 """
 from __future__ import annotations
@@ -112,6 +113,8 @@ def child(section: str, work: Path) -> None:
     if section == "check":
         print(json.dumps({"section": "check", **check(work)}))
         return
+    torch.empty(1, device="cuda")   # CUDA context up before the clock starts, for every section
+    torch.cuda.synchronize()
     secs = TIMED[section](work)
     rank = int(os.environ.get("RANK", "0"))
     print(json.dumps({"section": section, "rank": rank, "world": int(os.environ.get(

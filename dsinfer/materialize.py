@@ -4,6 +4,8 @@ the rank's device. Works on a model built on the meta device (nothing is allocat
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import re
 from typing import Dict, Optional
 
@@ -37,13 +39,23 @@ def params_on_meta():
         torch.nn.Module.register_parameter = original
 
 
+def _no_init_weights():
+    """transformers' switch that skips weight initialisation (module path differs by version)."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        fn = getattr(importlib.import_module(where), "no_init_weights", None) \
+            if importlib.util.find_spec(where) else None
+        if fn is not None:
+            return fn()
+    return contextlib.nullcontext()
+
+
 def restore_meta_buffers(model: torch.nn.Module) -> None:
     """Buffers computed in __init__ (rotary inv_freq, causal masks) are meta on a meta model:
-    rebuild the model skeleton with real buffers and copy them over."""
+    rebuild the model skeleton (parameters on meta, no weight init) and copy its buffers."""
     meta = [n for n, b in model.named_buffers() if b.is_meta]
     if not meta:
         return
-    with params_on_meta():
+    with params_on_meta(), _no_init_weights():
         ref = type(model)(model.config)
     ref_buffers = dict(ref.named_buffers())
     for name in meta:

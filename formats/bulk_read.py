@@ -20,8 +20,8 @@ import torch
 from .errors import CheckpointError
 from .safetensors_io import DTYPES, SafetensorsFile
 
-CHUNK = 64 << 20   # bytes per read / copy
-THREADS = 8
+CHUNK = int(os.environ.get("DSINFER_READ_CHUNK_MB", "64")) << 20   # bytes per read / copy
+THREADS = int(os.environ.get("DSINFER_READ_THREADS", "8"))
 
 
 class _Worker:
