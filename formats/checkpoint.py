@@ -3,10 +3,13 @@ canonical (HF transformers) names; every writer consumes one."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .errors import CheckpointError
 
 
 @dataclasses.dataclass
@@ -16,14 +19,15 @@ class TensorRef:
     `load()` returns the full (TP-merged, canonical-layout) tensor on CPU; calling it twice
     reads twice, so a writer calls it once and lets the result go.
     `load_rows(start, stop)` optionally returns rows [start, stop) of dim 0 without reading
-    the rest (a reader sets it where its storage allows; None otherwise).
+    the rest, as a list of pieces whose dim-0 concatenation is those rows (a reader sets it
+    where its storage allows; None otherwise). Writers write the pieces one after another.
     """
 
     name: str
     shape: Tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
-    load_rows: Optional[Callable[[int, int], torch.Tensor]] = None
+    load_rows: Optional[Callable[[int, int], List[torch.Tensor]]] = None
 
     @property
     def nbytes(self) -> int:
@@ -78,3 +82,24 @@ EXTRA_FILE_NAMES = (
 
 def find_extra_files(folder: Path) -> Dict[str, Path]:
     return {n: folder / n for n in EXTRA_FILE_NAMES if (folder / n).is_file()}
+
+
+def load_config(path: Path) -> dict:
+    """An HF config.json: a JSON object whose 'architectures' is a list of class names and
+    'model_type' a name (readers and specs rely on both). FileNotFoundError propagates."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200]}); copy the model's "
+                              "config.json again") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not a model config "
+                              "object; copy the model's config.json again")
+    archs, kind = config.get("architectures"), config.get("model_type")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"{path}: 'architectures' is {str(archs)[:60]!r}, not a list of "
+                              "class names; fix config.json")
+    if kind is not None and not isinstance(kind, str):
+        raise CheckpointError(f"{path}: 'model_type' is {str(kind)[:60]!r}, not a name; fix "
+                              "config.json")
+    return config

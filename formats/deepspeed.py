@@ -25,7 +25,6 @@ the name that owns the weights; the aliases are listed in `source["tied"]`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import ReadOptions
-from .checkpoint import Checkpoint, TensorRef, find_extra_files
+from .checkpoint import Checkpoint, TensorRef, find_extra_files, load_config
 from .errors import CheckpointError
 from .safe_pickle import load_pt
 
@@ -90,11 +89,7 @@ def locate_config(folders: Sequence[Path], what: Path) -> Tuple[dict, Path]:
     for folder in dict.fromkeys(Path(f) for f in folders):
         path = folder / "config.json"
         if path.is_file():
-            try:
-                return json.loads(path.read_text()), folder
-            except ValueError as e:
-                raise CheckpointError(f"{path}: not valid JSON ({e}); copy the model's "
-                                      "config.json again") from None
+            return load_config(path), folder
     raise CheckpointError(f"{what}: no config.json next to the checkpoint (looked in "
                           f"{', '.join(str(f) for f in dict.fromkeys(folders))}); put the "
                           "model's HF config.json next to it")

@@ -37,7 +37,7 @@ def sniff(path: Path) -> bool:
         return False
     try:
         desc = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError, OSError):
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError):
         return False
     return isinstance(desc, dict) and "type" in desc and "checkpoints" in desc
 
@@ -47,14 +47,56 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     path = Path(path)
     try:
         desc = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); fix the descriptor") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200]}); "
+                              "fix the descriptor") from None
     if not isinstance(desc, dict) or "type" not in desc or "checkpoints" not in desc:
         raise CheckpointError(f"{path}: not a checkpoint descriptor (needs 'type' and "
                               "'checkpoints'); see the DeepSpeed-Inference tutorial's format")
+    check_fields(desc, path)
     module, function = handler(desc, path)
     reader = getattr(importlib.import_module(f"{__package__}.{module}"), function)
     return reader(desc, path.parent, options)
+
+
+def _paths(v) -> bool:
+    return isinstance(v, list) and all(isinstance(p, str) and p for p in v)
+
+
+def _number(v) -> bool:
+    if isinstance(v, str):
+        try:
+            float(v)
+            return True
+        except ValueError:
+            return False
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+# field -> (test of its value, what it must be): the fields readers use, checked before any
+# reader sees them (a wrong type is then a clear error, never a crash inside a reader)
+FIELDS = {
+    "type": (lambda v: isinstance(v, str), "a name (Megatron, ds_model or BLOOM)"),
+    "checkpoints": (lambda v: (isinstance(v, str) and v) or _paths(v) or (
+        isinstance(v, dict) and all(v.get(k) is None or _paths(v[k]) for k in ("non_tp", "tp"))),
+        "a path, a list of paths, or {\"non_tp\": [paths], \"tp\": [paths]}"),
+    "version": (_number, "a number"),
+    "base_dir": (lambda v: v is None or isinstance(v, str), "a path"),
+    "tp_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                "a positive integer"),
+    "parallelization": (lambda v: isinstance(v, str), "a name ('tp')"),
+    "dtype": (lambda v: v is None or isinstance(v, str), "a dtype name"),
+}
+
+
+def check_fields(desc: dict, path: Path) -> None:
+    """Raises a CheckpointError naming the first field of the wrong type or value."""
+    for key, (ok, what) in FIELDS.items():
+        if key in desc and not ok(desc[key]):
+            value = repr(desc[key])
+            value = value if len(value) <= 60 else value[:57] + "..."
+            raise CheckpointError(f"{path}: '{key}' is {value}; it must be {what} (fix the "
+                                  "descriptor)")
 
 
 def handler(desc: dict, path: Path):

@@ -105,8 +105,14 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     except FileNotFoundError:
         raise CheckpointError(f"{json_path}: missing; point dsinfer at the folder DeepSpeed's "
                               "save_mp_checkpoint_path wrote") from None
-    except ValueError as e:
-        raise CheckpointError(f"{json_path}: not valid JSON ({e}); copy it again") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{json_path}: not valid JSON ({str(e)[:200]}); copy it "
+                              "again") from None
+    if not isinstance(desc, dict):
+        raise CheckpointError(f"{json_path}: holds a {type(desc).__name__}, not the object "
+                              "DeepSpeed writes; copy it again")
+    from .descriptor import check_fields
+    check_fields(desc, json_path)
     return read_config_json(desc, json_path.parent, options)
 
 
@@ -140,7 +146,7 @@ def _tp_size(desc: dict, where: Path) -> int:
                               "parallelization 'tp' and checkpoints {non_tp, tp}); re-save it "
                               "with save_mp_checkpoint_path")
     tp, files = desc.get("tp_size", 1), desc["checkpoints"].get("tp") or []
-    if not isinstance(tp, int) or tp < 1 or len(files) % tp:
+    if not isinstance(tp, int) or tp < 1 or len(files) % tp or len(files) < tp:
         raise CheckpointError(f"{where}: lists {len(files)} tp files, not a multiple of tp_size "
                               f"{tp}; copy the json DeepSpeed wrote with the files")
     return tp

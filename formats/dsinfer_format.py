@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, TensorRef, find_extra_files
+from .checkpoint import Checkpoint, TensorRef, find_extra_files, load_config
 from .errors import CheckpointError
 from .layout import Placement, shard, shard_rows, unshard
 from .safetensors_io import SafetensorsFile, StreamingWriter, sha256_file
@@ -59,25 +59,103 @@ def sniff(path: Path) -> bool:
 
 
 def load_manifest(path: Path) -> Tuple[Path, dict]:
-    """(root folder, manifest) from a dsinfer folder or its dsinfer.json."""
+    """(root folder, manifest) from a dsinfer folder or its dsinfer.json, its schema checked."""
     path = Path(path)
     root, mpath = (path, path / MANIFEST) if path.is_dir() else (path.parent, path)
     try:
         manifest = json.loads(mpath.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{mpath}: missing; not a dsinfer checkpoint") from None
-    except ValueError as e:
-        raise CheckpointError(f"{mpath}: not valid JSON ({e}); the manifest is corrupt") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise CheckpointError(f"{mpath}: not valid JSON ({str(e)[:200]}); the manifest is "
+                              "corrupt") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath}: holds a JSON {type(manifest).__name__}, not the "
+                              "manifest object; the manifest is corrupt")
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: 'format' is {manifest.get('format')!r}, not 'dsinfer'")
+        raise CheckpointError(f"{mpath}: 'format' is {_short(manifest.get('format'))}, not "
+                              "'dsinfer'")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{mpath}: format_version {version!r} is not supported by this "
-                              f"dsinfer (reads up to {FORMAT_VERSION}); upgrade dsinfer")
-    for key in ("tp_size", "tensors", "files", "architecture"):
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{mpath}: format_version {_short(version)} is not supported by "
+                              f"this dsinfer (reads 1 to {FORMAT_VERSION}); upgrade dsinfer")
+    for key in ("tp_size", "tensors", "files", "architecture", "dtype"):
         if key not in manifest:
             raise CheckpointError(f"{mpath}: manifest has no '{key}'; the manifest is corrupt")
+    problem = _schema_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{mpath}: {problem}; the manifest is corrupt (copy the "
+                              "checkpoint again or re-run dsinfer-reshard)")
     return root, manifest
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _schema_problem(m: dict) -> Optional[str]:
+    """What makes the manifest unusable (wrong types, impossible values), or None."""
+    if not isinstance(m["architecture"], str):
+        return f"'architecture' is {_short(m['architecture'])}, not a name"
+    tp = m["tp_size"]
+    if not _is_int(tp) or tp < 1:
+        return f"'tp_size' is {_short(tp)}, not a positive integer"
+    if not isinstance(m["dtype"], str):
+        return f"'dtype' is {_short(m['dtype'])}, not a name"
+    for key, kind in (("quantization", dict), ("source", dict)):
+        if m.get(key) is not None and not isinstance(m[key], kind):
+            return f"'{key}' is {_short(m[key])}"
+    if isinstance(m.get("quantization"), dict) and not isinstance(m["quantization"].get("method"), str):
+        return "'quantization' has no 'method'"
+    if not isinstance(m["files"], dict) or not isinstance(m["tensors"], dict):
+        return "'files' and 'tensors' must be objects"
+    for rel, info in m["files"].items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not rel:
+            return f"file {_short(rel)} is not a path inside the checkpoint"
+        if not (isinstance(info, dict) and _is_int(info.get("bytes")) and info["bytes"] >= 0
+                and isinstance(info.get("sha256"), str)):
+            return f"file '{rel}' needs 'bytes' (integer) and 'sha256'"
+    parts = set()
+    for name, info in m["tensors"].items():
+        problem = _tensor_problem(info)
+        if problem:
+            return f"tensor '{name}': {problem}"
+        parts.add(info.get("part", 0))
+    if m["tensors"] and tp * len(parts) > len(m["files"]):
+        return f"'tp_size' {tp} x {len(parts)} part(s) exceeds the {len(m['files'])} files listed"
+    for r in range(tp if m["tensors"] else 0):
+        missing = [part_path(r, tp, k) for k in sorted(parts) if part_path(r, tp, k) not in m["files"]]
+        if missing:
+            return f"rank file {missing[0]} is not listed in 'files'"
+    return None
+
+
+def _tensor_problem(info) -> Optional[str]:
+    if not isinstance(info, dict):
+        return f"entry is {_short(info)}"
+    shape, dim, parts = info.get("shape"), info.get("split_dim"), info.get("parts")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2 ** 48 for d in shape):
+        return f"shape {_short(shape)} is not a list of sizes"
+    if not isinstance(info.get("dtype"), str) or not isinstance(
+            getattr(torch, info["dtype"], None), torch.dtype):
+        return f"dtype {_short(info.get('dtype'))} is not a torch dtype"
+    if dim is not None and not (_is_int(dim) and 0 <= dim < len(shape)):
+        return f"split_dim {_short(dim)} does not fit shape {shape}"
+    if parts is not None and parts != [] and (
+            dim is None or not isinstance(parts, list) or not all(_is_int(p) and p > 0 for p in parts)
+            or sum(parts) != shape[dim]):
+        return f"parts {_short(parts)} do not add up to dim {dim} of shape {shape}"
+    part = info.get("part", 0)
+    if not _is_int(part) or not 0 <= part < 1000:
+        return f"part {_short(part)} is not a part number"
+    if not isinstance(info.get("style", ""), str):
+        return f"style {_short(info.get('style'))} is not a name"
+    return None
 
 
 class RankFiles:
@@ -106,6 +184,11 @@ class RankFiles:
         self.check(f, name)
         return f.read(name)
 
+    def read_rows(self, name: str, rank: int, start: int, stop: int) -> torch.Tensor:
+        f = self.get(rank, self.manifest["tensors"][name].get("part", 0))
+        self.check(f, name)
+        return f.read_rows(name, start, stop)
+
     def check(self, f: SafetensorsFile, name: str) -> None:
         """The rank file holds `name` with the shape the manifest implies for a rank."""
         info = self.manifest["tensors"][name]
@@ -116,6 +199,10 @@ class RankFiles:
             raise CheckpointError(f"{f.path}: tensor '{name}' has shape {list(f.shape(name))}, "
                                   f"the manifest implies {list(want)} for this rank; the files "
                                   "do not belong together (re-run dsinfer-reshard)")
+        if dtype_name(f.dtype(name)) != info["dtype"]:
+            raise CheckpointError(f"{f.path}: tensor '{name}' is {dtype_name(f.dtype(name))}, "
+                                  f"the manifest says {info['dtype']}; the files do not belong "
+                                  "together (re-run dsinfer-reshard)")
 
     def rank_files(self, rank: int) -> List[SafetensorsFile]:
         """Every part file of one rank, opened (headers) and checked against the manifest."""
@@ -135,10 +222,23 @@ def read_rank(path: Path, rank: int) -> Dict[str, torch.Tensor]:
 
 def read_config(root: Path) -> dict:
     path = root / "config.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return load_config(path) if path.is_file() else {}
+
+
+def _row_loader(files: RankFiles, name: str, info: dict, tp: int):
+    """Rows [a, b) of a tensor stored whole (replicated) or split on dim 0 in one part, as
+    pieces read from the ranks that hold them; None for other layouts."""
+    p = Placement.from_json(info)
+    if not info["shape"] or not info["shape"][0] or p.parts or p.split_dim not in (None, 0):
+        return None
+    if p.replicated:
+        return lambda a, b: [files.read_rows(name, 0, a, b)]
+    n = info["shape"][0] // tp
+
+    def rows(a: int, b: int) -> List[torch.Tensor]:
+        return [files.read_rows(name, k, max(a, k * n) - k * n, min(b, (k + 1) * n) - k * n)
+                for k in range(a // n, (b - 1) // n + 1)] if b > a else []
+    return rows
 
 
 def read(path: Path, options=None) -> Checkpoint:
@@ -150,7 +250,7 @@ def read(path: Path, options=None) -> Checkpoint:
         placement = Placement.from_json(info)
         load = (lambda n=name, p=placement: unshard([files.read(n, r) for r in range(tp)], p))
         tensors.append(TensorRef(name, tuple(info["shape"]), dtype_from_name(info["dtype"]),
-                                 load=load))
+                                 load=load, load_rows=_row_loader(files, name, info, tp)))
     config = read_config(root)
     config.setdefault("architectures", [manifest["architecture"]])
     source = {"format": FORMAT, "tp_size": tp}
@@ -171,11 +271,17 @@ def _plan_parts(tensors: List[TensorRef], shard_bytes: Dict[str, int], max_bytes
     return out
 
 
-def _rank_slice(t: TensorRef, p: Placement, tp: int, rank: int, full) -> torch.Tensor:
-    if full is not None:
-        return shard(full, p, tp, rank)
-    pieces = [t.load_rows(a, b) for a, b in shard_rows(p, t.shape, tp, rank)]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+def _pieces_by_rank(t: TensorRef, p: Placement, tp: int):
+    """rank -> list of tensors whose dim-0 concatenation is that rank's slice. Row-wise
+    readable sources give row ranges (nothing concatenated, nothing read twice); others are
+    loaded whole once and sliced."""
+    if t.load_rows is not None and t.shape and (p.replicated or p.split_dim == 0):
+        if p.replicated or tp == 1:
+            whole = t.load_rows(0, t.shape[0])
+            return lambda r: whole
+        return lambda r: [x for a, b in shard_rows(p, t.shape, tp, r) for x in t.load_rows(a, b)]
+    full = t.load()
+    return lambda r: [shard(full, p, tp, r)]
 
 
 def write(out: Path, ckpt: Checkpoint, tp: int, placements: Dict[str, Placement],
@@ -212,9 +318,7 @@ def _write_ranks(out, ckpt, tp, placements, out_dtype, shapes, parts, bar) -> Di
     files: Dict[str, dict] = {}
     writers: Dict[Tuple[int, int], StreamingWriter] = {}
     for t in ckpt.tensors:
-        p = placements[t.name]
-        by_rows = t.load_rows is not None and p.split_dim == 0 and tp > 1
-        full = None if by_rows else t.load()
+        pieces = _pieces_by_rank(t, placements[t.name], tp)
         for r in range(tp):
             key = (r, parts[t.name])
             if key not in writers:
@@ -222,8 +326,8 @@ def _write_ranks(out, ckpt, tp, placements, out_dtype, shapes, parts, bar) -> Di
                 members = [(n.name, shapes[n.name], out_dtype[n.name]) for n in ckpt.tensors
                            if parts[n.name] == key[1]]
                 writers[key] = StreamingWriter(out / part_path(r, tp, key[1]), members)
-            writers[key].write(t.name, _rank_slice(t, p, tp, r, full).to(out_dtype[t.name]))
-        del full
+            writers[key].write(t.name, [x.to(out_dtype[t.name]) for x in pieces(r)])
+        del pieces
         bar.update(t.nbytes)
     _close_finished(writers, files, out, tp)
     return files
@@ -266,11 +370,17 @@ def dump_manifest(manifest: dict) -> str:
 
 # ----------------------------------------------------------------------------------- verify
 
-def verify(path: Path, hashes: bool = True) -> List[str]:
-    """Problems found (empty = sound): each names the file and, where relevant, the tensor."""
+def verify(path: Path, hashes: bool = True, ranks: Optional[Iterable[int]] = None) -> List[str]:
+    """Problems found (empty = sound): each names the file and, where relevant, the tensor.
+    `ranks`: check only these ranks' files (and the shared ones), as a runtime rank does."""
     root, manifest = load_manifest(path)
+    tp = manifest["tp_size"]
+    ranks = range(tp) if ranks is None else list(ranks)
+    mine = {rank_dir(r, tp) for r in ranks}
     problems = []
     for rel, info in manifest["files"].items():
+        if "/" in rel and rel.split("/")[0] not in mine:
+            continue
         p = root / rel
         if not p.is_file():
             problems.append(f"{p}: missing")
@@ -278,11 +388,10 @@ def verify(path: Path, hashes: bool = True) -> List[str]:
             problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {info['bytes']}")
         elif hashes and sha256_file(p) != info["sha256"]:
             problems.append(f"{p}: sha256 mismatch (the file was modified or corrupted)")
-    tp = manifest["tp_size"]
     headers: Dict[Path, object] = {}
     for name, info in manifest["tensors"].items():
         want = Placement.from_json(info).shard_shape(info["shape"], tp)
-        for r in range(tp):
+        for r in ranks:
             problems += _check_tensor(root, manifest, name, info, r, tuple(want), headers)
     return list(dict.fromkeys(problems))
 

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, TensorRef, find_extra_files
+from .checkpoint import Checkpoint, TensorRef, find_extra_files, load_config
 from .errors import CheckpointError
 from .safe_pickle import load_pt
 from .safetensors_io import SafetensorsFile, StreamingWriter
@@ -31,9 +31,11 @@ def _weight_files(folder: Path) -> Optional[List[Path]]:
         if (folder / index).is_file():
             try:
                 weight_map = json.loads((folder / index).read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{folder / index}: unreadable index ({e}); copy it again")
-            return [folder / f for f in dict.fromkeys(weight_map.values())]
+                files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                raise CheckpointError(f"{folder / index}: unreadable index ({type(e).__name__}: "
+                                      f"{str(e)[:100]}); copy it again") from None
+            return files
         if (folder / single).is_file():
             return [folder / single]
     return None
@@ -42,18 +44,16 @@ def _weight_files(folder: Path) -> Optional[List[Path]]:
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     try:
-        return json.loads(path.read_text())
+        return load_config(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; put the model's HF config.json next to the "
                               "weights") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def _refs_safetensors(path: Path) -> List[TensorRef]:
     f = SafetensorsFile(path)
     return [TensorRef(n, f.shape(n), f.dtype(n), load=lambda n=n: f.read(n),
-                      load_rows=lambda a, b, n=n: f.read_rows(n, a, b)) for n in f.names()]
+                      load_rows=lambda a, b, n=n: [f.read_rows(n, a, b)]) for n in f.names()]
 
 
 def _refs_pickle(path: Path) -> List[TensorRef]:
@@ -117,7 +117,8 @@ def write(out: Path, ckpt: Checkpoint, dtype: Optional[torch.dtype] = None,
             w = StreamingWriter(out / fname, [(t.name, t.shape, out_dtype[t.name]) for t in shard],
                                 metadata={"format": "pt"})
             for t in shard:
-                w.write(t.name, t.load().to(out_dtype[t.name]))
+                pieces = t.load_rows(0, t.shape[0]) if t.load_rows and t.shape else [t.load()]
+                w.write(t.name, [x.to(out_dtype[t.name]) for x in pieces])
                 bar.update(t.nbytes)
             nbytes, sha = w.close()
             files[fname] = {"bytes": nbytes, "sha256": sha}
