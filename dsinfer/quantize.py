@@ -72,13 +72,34 @@ class QuantConfig:
         return next(d for d in range(asked, rows + 1) if rows % d == 0)
 
 
+class ErrorStats:
+    """Relative L2 error, SQNR (dB) and max abs error of a dequantized weight, accumulated
+    block by block (float64 sums) so no full-size temporaries are needed."""
+
+    def __init__(self):
+        self.signal, self.noise, self.max_abs = 0.0, 0.0, 0.0
+
+    def add(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
+        err = w_hat.sub_(w)                                     # reuses w_hat's memory
+        self.signal += torch.linalg.vector_norm(w, dtype=torch.float64).item() ** 2
+        self.noise += torch.linalg.vector_norm(err, dtype=torch.float64).item() ** 2
+        if err.numel():
+            self.max_abs = max(self.max_abs, err.abs_().max().item())
+
+    def result(self) -> dict:
+        s, n = self.signal, self.noise
+        return {"rel_error": math.sqrt(n / s) if s else 0.0,
+                "sqnr_db": 10 * math.log10(s / n) if n else float("inf"),
+                "max_abs_error": self.max_abs}
+
+
 def error_stats(w: torch.Tensor, w_hat: torch.Tensor) -> dict:
-    """Relative L2 error, SQNR (dB) and max abs error of a dequantized weight."""
-    w, err = w.double(), (w.double() - w_hat.double())
-    signal, noise = w.pow(2).sum().item(), err.pow(2).sum().item()
-    return {"rel_error": math.sqrt(noise / signal) if signal else 0.0,
-            "sqnr_db": 10 * math.log10(signal / noise) if noise else float("inf"),
-            "max_abs_error": err.abs().max().item() if err.numel() else 0.0}
+    stats = ErrorStats()
+    stats.add(w.float(), w_hat.float().clone())
+    return stats.result()
+
+
+CHUNK_ELEMS = 8 << 20   # rows quantized together: ~32 MB of fp32 temporaries at a time
 
 
 class _QuantizedWeight:
@@ -93,11 +114,22 @@ class _QuantizedWeight:
     def _run(self) -> torch.Tensor:
         w = self.ref.load()
         view = w.t() if self.transposed else w               # [out, in]
-        q, s = quantize_ref(view, self.groups, self.qc.group_size, SCALE_DTYPES[self.qc.scale_dtype])
+        rows, cols = view.shape
+        per = rows // self.groups                            # rows per group
+        step = max(per, CHUNK_ELEMS // max(cols, 1) // per * per)  # whole groups per block
+        scale_dtype = SCALE_DTYPES[self.qc.scale_dtype]
+        col_groups = cols // self.qc.group_size if self.qc.group_size else 1
+        q = torch.empty((rows, cols), dtype=torch.int8)
+        s = torch.empty((self.groups, col_groups), dtype=scale_dtype)
+        stats = ErrorStats()
+        for r0 in range(0, rows, step):   # groups are independent: block results are exact
+            r1 = min(rows, r0 + step)
+            qb, sb = quantize_ref(view[r0:r1], (r1 - r0) // per, self.qc.group_size, scale_dtype)
+            q[r0:r1], s[r0 // per:r1 // per] = qb, sb
+            stats.add(view[r0:r1].float(), dequantize_ref(qb, sb))
         self._scale = s
-        self.report[self.ref.name] = {
-            "shape": list(self.ref.shape), "groups": self.groups, "col_groups": s.shape[1],
-            **error_stats(view, dequantize_ref(q, s))}
+        self.report[self.ref.name] = {"shape": list(self.ref.shape), "groups": self.groups,
+                                      "col_groups": col_groups, **stats.result()}
         return q.t().contiguous() if self.transposed else q
 
     def int8(self) -> torch.Tensor:

@@ -41,15 +41,15 @@ def quantize_ref(w: torch.Tensor, groups: int, group_size: Optional[int] = None,
                  scale_dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] (any float dtype) -> (q int8 [out, in], scale [groups, col_groups])."""
     col_groups = check_geometry(w.shape, groups, group_size)
-    b = _blocks(w.float(), groups, col_groups)
-    exact = b.abs().amax(dim=(1, 3)) / QMAX                       # [groups, col_groups]
+    b = _blocks(w.to(torch.float32, copy=True), groups, col_groups)   # a private fp32 copy
+    exact = torch.maximum(b.amax(dim=(1, 3)), -b.amin(dim=(1, 3))) / QMAX  # [groups, col_groups]
     stored = exact.to(scale_dtype)
     # A narrower scale dtype may round down; step up one ulp so |w/s| never exceeds 127.
     stored = torch.where(stored.float() < exact, torch.nextafter(stored, stored.new_tensor(
         float("inf"))), stored)
     scale = stored.float()  # quantize with the scale exactly as stored
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None, :, None]
-    q = torch.clamp(torch.round(b / safe), -QMAX, QMAX).to(torch.int8)
+    q = b.div_(safe).round_().clamp_(-QMAX, QMAX).to(torch.int8)   # in place on the copy
     return q.reshape(w.shape), scale.to(scale_dtype)
 
 
