@@ -45,21 +45,8 @@ def test_round_trip_tp4_tp2_hf(arch, tmp_path):
             assert r0[name].shape[info["split_dim"]] * 4 == info["shape"][info["split_dim"]]
 
 
-@pytest.mark.parametrize("arch", hf_models.CAUSAL)
+@pytest.mark.parametrize("arch", hf_models.CAUSAL + ["bert", "t5"])
 def test_tp2_logits_match_original(arch, tmp_path):
-    model = hf_models.build(arch)
-    src = hf_models.save(model, tmp_path / "hf")
-    reshard(src, tmp_path / "tp2", tp=2, progress=False)
-    tp_model = tp_sim.load_tp_model(tmp_path / "tp2", type(model))
-    x = hf_models.inputs(model)
-    with torch.no_grad():
-        want = model(**x).logits
-        got = tp_model(**x).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-
-
-@pytest.mark.parametrize("arch", ["bert", "t5"])
-def test_tp2_outputs_match_original_non_causal(arch, tmp_path):
     model = hf_models.build(arch)
     src = hf_models.save(model, tmp_path / "hf")
     reshard(src, tmp_path / "tp2", tp=2, progress=False)
