@@ -30,9 +30,10 @@ def workdir(tmp_path_factory):
     return root
 
 
-def launch(n: int, script: Path, *args, timeout: int = 900, expect_ok: bool = True):
+def launch(n: int, script: Path, *args, timeout: int = 900, expect_ok: bool = True,
+           flag: str = "--num_procs"):
     env = {**os.environ, "PYTHONPATH": str(SUPPORT)}
-    r = subprocess.run([sys.executable, "-m", "dsinfer", "--num_procs", str(n), str(script),
+    r = subprocess.run([sys.executable, "-m", "dsinfer", flag, str(n), str(script),
                         *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
     if expect_ok:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -46,8 +47,8 @@ def results(out: Path, n: int) -> list:
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_presharded_equals_hf(world, workdir, tmp_path):
     cases = [f"{a}:tp{world}" for a in CAUSAL]
-    if world != 2:
-        cases.append("llama:tp2")            # checkpoint TP 2, world 1 or 4: re-shard at load
+    if world != 2:   # checkpoints sharded for TP 2, world 1 or 4: re-sharded at load
+        cases += [f"{a}:tp2" for a in CAUSAL]
     else:
         cases += ["llama:int8tp2:int8", "gpt2:tp2:batch", "bloom:tp2:batch", "llama:tp2:bf16"]
     launch(world, SUPPORT / "runtime_worker.py", workdir, tmp_path / "out", *cases)
@@ -72,7 +73,8 @@ def test_tutorial_t5_injection_policy(tmp_path):
 
 def test_tutorial_gptneo_pipeline(tmp_path):
     from dsinfer.real_models import smollm2_hf
-    launch(2, SUPPORT / "seed_examples.py", "gptneo", tmp_path / "neo", smollm2_hf())
+    launch(2, SUPPORT / "seed_examples.py", "gptneo", tmp_path / "neo", smollm2_hf(),
+           flag="--num_gpus")   # as the tutorial runs it (CPU-only here: 2 gloo processes)
     a, b = results(tmp_path / "neo", 2)
     assert a["text"].startswith("DeepSpeed is") and a == b   # sampling stays in step on all ranks
 
