@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from dsinfer import specs
-from dsinfer.log import info, warn
+from dsinfer.log import info, one_line_errors, warn
 from dsinfer.formats import CheckpointError
 from dsinfer.loading import RankSource, from_state_dict, open_rank_source
 from dsinfer.materialize import load_into
@@ -147,8 +147,11 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
 
     `model` may be built on the meta device when `checkpoint` is given (a dsinfer folder, its
     dsinfer.json, or a DeepSpeed tutorial checkpoint.json); rank r then reads only rank r's
-    files of a pre-sharded checkpoint. Returns an engine whose `.module` is the ready model
-    (HF `generate` and pipelines work on it)."""
+    files of a pre-sharded checkpoint. Every file's size and tensor headers are checked as it
+    is opened; `verify=True` also checks the sha256 of each file this rank reads against the
+    manifest first. Returns an engine whose `.module` is the ready model (HF `generate` and
+    pipelines work on it)."""
+    one_line_errors()
     if isinstance(config, dict):
         return init_inference(model, **{**config, **kwargs, "tensor_parallel": tensor_parallel
                                         or config.get("tensor_parallel"), "dtype": dtype or
@@ -174,7 +177,7 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     spec = _spec(model, injection_policy)
     path = _resolve_checkpoint(checkpoint, base_dir)
     if path is not None:
-        source = open_rank_source(path, spec, tp.size, tp.rank, qc, device)
+        source = open_rank_source(path, spec, tp.size, tp.rank, qc, device, verify=verify)
         _check_architecture(spec, source)
     else:
         if any(p.is_meta for p in model.parameters()):

@@ -64,12 +64,31 @@ def from_checkpoint(ckpt, spec, tp: int, rank: int) -> RankSource:
                       (ckpt.config.get("architectures") or [None])[0])
 
 
-def open_rank_source(path, spec, tp: int, rank: int, quantization=None, device=None
-                     ) -> RankSource:
+def verify_files(path: Path, tp: int, rank: int, quantization=None) -> None:
+    """init_inference(verify=True): the sizes and sha256 of the files this rank will read (its
+    own when pre-sharded at this TP, else all) and their tensor headers, against the manifest."""
+    if not dsinfer_format.sniff(path):
+        warn("dsinfer: verify=True: %s is not a dsinfer checkpoint and has no checksums; "
+             "only its reader's checks apply", path)
+        return
+    _, manifest = dsinfer_format.load_manifest(path)
+    own = manifest["tp_size"] == tp and quantization is None
+    problems = dsinfer_format.verify(path, ranks=[rank] if own else None)
+    if problems:  # the most specific first: one that names a tensor
+        first = next((p for p in problems if "tensor '" in p), problems[0])
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{first}{more}; the checkpoint is damaged: copy it again "
+                              "or re-run dsinfer-reshard (dsinfer-inspect --verify lists all)")
+
+
+def open_rank_source(path, spec, tp: int, rank: int, quantization=None, device=None,
+                     verify: bool = False) -> RankSource:
     """Chooses the fast path (pre-sharded, same TP) or the general one, with a warning."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: no such file or directory")
+    if verify:
+        verify_files(path, tp, rank, quantization)
     if dsinfer_format.sniff(path) and quantization is None:
         _, manifest = dsinfer_format.load_manifest(path)
         if manifest["tp_size"] == tp:

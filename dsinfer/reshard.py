@@ -69,7 +69,9 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 def open_source(src, fmt: Optional[str] = None, arch: Optional[str] = None,
                 vocab_size: Optional[int] = None) -> Tuple[Checkpoint, specs.ArchSpec]:
     ckpt = open_checkpoint(Path(src), fmt, ReadOptions(arch=arch, vocab_size=vocab_size))
-    return ckpt, specs.for_config(ckpt.config, fallback=arch)
+    spec = specs.for_config(ckpt.config, fallback=arch)
+    specs.check_fits(spec, (t.name for t in ckpt.tensors), src)
+    return ckpt, spec
 
 
 def write(ckpt: Checkpoint, spec: specs.ArchSpec, target: Target, src: Path,

@@ -229,14 +229,28 @@ def get(key: str) -> ArchSpec:
 
 def for_config(config: dict, fallback: Optional[str] = None) -> ArchSpec:
     """The spec for an HF config (architectures[0], else model_type), else `fallback` (--arch)."""
-    for key in list(config.get("architectures") or []) + [config.get("model_type")]:
-        if key and key.lower() in _BY_KEY:
+    archs = config.get("architectures")
+    for key in (archs if isinstance(archs, list) else []) + [config.get("model_type")]:
+        if isinstance(key, str) and key.lower() in _BY_KEY:
             return _BY_KEY[key.lower()]
     if fallback:
         return get(fallback)
     raise CheckpointError(
         f"architecture {config.get('architectures') or config.get('model_type')!r} has no "
         f"dsinfer spec; pass --arch with one of: {', '.join(known())}")
+
+
+def check_fits(spec: ArchSpec, names: Iterable[str], where) -> None:
+    """The weights are of the spec's architecture: some tensor matches its attention rules and
+    some its MLP rules (a config.json of another model matches neither)."""
+    roles = {r.role for r in map(spec.rule_for, names) if r is not None}
+    missing = [role for role in ("attn", "mlp") if role not in roles]
+    if missing:
+        want = next(r.module for r in spec.plan if r.role == missing[0])
+        raise CheckpointError(
+            f"{where}: the config says {spec.name} but no tensor matches its {missing[0]} "
+            f"layers (/{want}/): the config.json does not belong to these weights; put the "
+            "model's own config.json next to them")
 
 
 SCALE_SUFFIX = "_scale"  # int8 weight `X.weight` has scales `X.weight_scale` [groups, col_groups]

@@ -96,7 +96,8 @@ def load_config(path: Path) -> dict:
         raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not a model config "
                               "object; copy the model's config.json again")
     archs, kind = config.get("architectures"), config.get("model_type")
-    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+    if archs is not None and not (isinstance(archs, list)
+                                  and all(isinstance(a, str) for a in archs)):
         raise CheckpointError(f"{path}: 'architectures' is {str(archs)[:60]!r}, not a list of "
                               "class names; fix config.json")
     if kind is not None and not isinstance(kind, str):

@@ -110,7 +110,8 @@ def _schema_problem(m: dict) -> Optional[str]:
     for key, kind in (("quantization", dict), ("source", dict)):
         if m.get(key) is not None and not isinstance(m[key], kind):
             return f"'{key}' is {_short(m[key])}"
-    if isinstance(m.get("quantization"), dict) and not isinstance(m["quantization"].get("method"), str):
+    quant = m.get("quantization")
+    if isinstance(quant, dict) and not isinstance(quant.get("method"), str):
         return "'quantization' has no 'method'"
     if not isinstance(m["files"], dict) or not isinstance(m["tensors"], dict):
         return "'files' and 'tensors' must be objects"
@@ -129,7 +130,8 @@ def _schema_problem(m: dict) -> Optional[str]:
     if m["tensors"] and tp * len(parts) > len(m["files"]):
         return f"'tp_size' {tp} x {len(parts)} part(s) exceeds the {len(m['files'])} files listed"
     for r in range(tp if m["tensors"] else 0):
-        missing = [part_path(r, tp, k) for k in sorted(parts) if part_path(r, tp, k) not in m["files"]]
+        missing = [part_path(r, tp, k) for k in sorted(parts)
+                   if part_path(r, tp, k) not in m["files"]]
         if missing:
             return f"rank file {missing[0]} is not listed in 'files'"
     return None
@@ -147,8 +149,8 @@ def _tensor_problem(info) -> Optional[str]:
     if dim is not None and not (_is_int(dim) and 0 <= dim < len(shape)):
         return f"split_dim {_short(dim)} does not fit shape {shape}"
     if parts is not None and parts != [] and (
-            dim is None or not isinstance(parts, list) or not all(_is_int(p) and p > 0 for p in parts)
-            or sum(parts) != shape[dim]):
+            dim is None or not isinstance(parts, list)
+            or not all(_is_int(p) and p > 0 for p in parts) or sum(parts) != shape[dim]):
         return f"parts {_short(parts)} do not add up to dim {dim} of shape {shape}"
     part = info.get("part", 0)
     if not _is_int(part) or not 0 <= part < 1000:
@@ -317,19 +319,24 @@ def _write_ranks(out, ckpt, tp, placements, out_dtype, shapes, parts, bar) -> Di
     """One pass over the source; rank r's slice of each tensor goes to rank r's open part."""
     files: Dict[str, dict] = {}
     writers: Dict[Tuple[int, int], StreamingWriter] = {}
-    for t in ckpt.tensors:
-        pieces = _pieces_by_rank(t, placements[t.name], tp)
-        for r in range(tp):
-            key = (r, parts[t.name])
-            if key not in writers:
-                _close_finished(writers, files, out, tp)
-                members = [(n.name, shapes[n.name], out_dtype[n.name]) for n in ckpt.tensors
-                           if parts[n.name] == key[1]]
-                writers[key] = StreamingWriter(out / part_path(r, tp, key[1]), members)
-            writers[key].write(t.name, [x.to(out_dtype[t.name]) for x in pieces(r)])
-        del pieces
-        bar.update(t.nbytes)
-    _close_finished(writers, files, out, tp)
+    try:
+        for t in ckpt.tensors:
+            pieces = _pieces_by_rank(t, placements[t.name], tp)
+            for r in range(tp):
+                key = (r, parts[t.name])
+                if key not in writers:
+                    _close_finished(writers, files, out, tp)
+                    members = [(n.name, shapes[n.name], out_dtype[n.name]) for n in ckpt.tensors
+                               if parts[n.name] == key[1]]
+                    writers[key] = StreamingWriter(out / part_path(r, tp, key[1]), members)
+                writers[key].write(t.name, [x.to(out_dtype[t.name]) for x in pieces(r)])
+            del pieces
+            bar.update(t.nbytes)
+        _close_finished(writers, files, out, tp)
+    except BaseException:  # disk full, a bad source tensor...: no writer thread or file left open
+        for w in writers.values():
+            w.abort()
+        raise
     return files
 
 

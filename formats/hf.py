@@ -116,11 +116,15 @@ def write(out: Path, ckpt: Checkpoint, dtype: Optional[torch.dtype] = None,
         for fname, shard in zip(names, shards):
             w = StreamingWriter(out / fname, [(t.name, t.shape, out_dtype[t.name]) for t in shard],
                                 metadata={"format": "pt"})
-            for t in shard:
-                pieces = t.load_rows(0, t.shape[0]) if t.load_rows and t.shape else [t.load()]
-                w.write(t.name, [x.to(out_dtype[t.name]) for x in pieces])
-                bar.update(t.nbytes)
-            nbytes, sha = w.close()
+            try:
+                for t in shard:
+                    pieces = t.load_rows(0, t.shape[0]) if t.load_rows and t.shape else [t.load()]
+                    w.write(t.name, [x.to(out_dtype[t.name]) for x in pieces])
+                    bar.update(t.nbytes)
+                nbytes, sha = w.close()
+            except BaseException:  # no writer thread or file left open
+                w.abort()
+                raise
             files[fname] = {"bytes": nbytes, "sha256": sha}
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(f["bytes"] for f in files.values())},

@@ -393,7 +393,7 @@ def _stage_roles(files: List[_RankFile]) -> Dict[Tuple[Optional[int], str], Piec
         per_rank.append(roles)
     ref, ref_file = per_rank[0], files[0]
     for f, roles in zip(files[1:], per_rank[1:]):
-        for key in ref.keys() | roles.keys():
+        for key in [*ref, *(k for k in roles if k not in ref)]:  # file order: stable messages
             if key not in roles or key not in ref:
                 holder, name = (ref_file, ref[key]) if key in ref else (f, roles[key])
                 lacking = f if key in ref else ref_file

@@ -102,8 +102,12 @@ def _allowed_globals(path: Path) -> list:
     try:
         names = _globals_in(path)
     except Exception as e:  # truncated / not a pickle at all
-        raise CheckpointError(f"{path}: cannot read pickle ({type(e).__name__}: {e}); "
-                              "the file is truncated or not a PyTorch checkpoint") from None
+        with open(path, "rb") as f:
+            cut_zip = f.read(4) == b"PK\x03\x04"  # a zip checkpoint that lost its end
+        why = "a zip archive without its end (central directory)" if cut_zip else \
+            f"{type(e).__name__}: {str(e)[:120]}"
+        raise CheckpointError(f"{path}: cannot read pickle ({why}); the file is truncated or "
+                              "not a PyTorch checkpoint: copy it again") from None
     allowed = [REAL_ALLOWED[n] for n in names if n in REAL_ALLOWED]
     return allowed + [stand_in(n) for n in names if n.startswith(INERT_PREFIXES)]
 

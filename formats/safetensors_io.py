@@ -229,16 +229,31 @@ class StreamingWriter:
     def done(self) -> bool:
         return self._next == len(self.order)
 
+    def abort(self) -> None:
+        """After a failure (this file's or elsewhere): ends the helper thread and closes the
+        file, so neither the descriptor nor the disk space of the removed file stays held."""
+        self._error = self._error or RuntimeError(f"{self.path}: aborted")
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            self._f.close()
+        except OSError:  # the buffered tail cannot be flushed (disk full): dropped
+            pass
+
     def close(self) -> Tuple[int, str]:
         """Flush, fsync and close; returns (bytes, sha256 hex)."""
         if not self.done:
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self.order)} tensors")
         self._queue.put(None)
         self._thread.join()
-        if self._error is not None:
-            raise self._error
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            if self._error is not None:
+                raise self._error
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except BaseException:
+            self.abort()
+            raise
         self._f.close()
         return self.bytes, self.hash.hexdigest()
 
