@@ -27,3 +27,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-out build *.egg-info
+
+# docs/cli.md and docs/architectures.md from the code; notebooks executed and saved with outputs.
+.PHONY: docs notebooks
+docs: $(STAMP)
+	$(BIN)/python -m dsinfer.tools.gen_docs
+
+notebooks: $(STAMP)
+	$(BIN)/python -m dsinfer.tools.gen_docs --notebooks

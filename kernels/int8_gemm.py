@@ -1,0 +1,507 @@
+"""Weight-only linear layers: int8 weights with in-kernel group dequant (W8A16), and the fp16/bf16
+GEMV that decode needs where cuBLAS is weak.
+
+    y[M, N] = x[M, K] @ dequant(q[N, K], s[G, C]).T (+ bias)    dequant: w[n, k] = q[n, k] * s[g, c]
+    g = n // (N / G)  (row groups),   c = k // (K / C)  (column groups; C = 1 is per-row-group)
+
+Three paths, by M (rows of x):
+- M <= 4 (decode): _gemv_kernel, no tensor cores (no x tile padded to 16 rows). Each program
+  streams a [BLOCK_N, K] strip of w with 16-byte loads and multiplies in fp32 on CUDA cores;
+  hundreds of programs keep bytes in flight. The floor is w's bytes over HBM bandwidth, which int8
+  halves against fp16; on an H200 the int8 kernel measured 1.1-1.7 TB/s (latency-bound: register
+  pressure leaves two programs an SM), the fp16 one 3.0-3.7 TB/s (see _GEMV_TILES).
+- 4 < M < PREFILL_DEQUANT_MIN_M: _linear_kernel, tiled tl.dot. Each K-step loads an int8 tile
+  [BLOCK_N, BLOCK_K], converts and scales it in registers to the activations' dtype and feeds
+  tl.dot (fp32 accumulation); with C = 1 the scale is constant along K and is applied once to the
+  accumulator instead. Decode tiles (M <= 16) are narrow in N and long in K; prefill tiles are
+  128-row tiles in grouped order (Triton tutorial 03). SWAP_AB computes w @ x.T instead (the
+  weight tile as the MMA's first operand).
+- M >= PREFILL_DEQUANT_MIN_M: dequantize w once (_dequant_kernel) and call cuBLAS: compute-bound,
+  where a one-pass dequant costs a few percent and cuBLAS beats the fused kernel.
+gemv() runs fp16/bf16 weights through the first two paths (M <= 16) and cuBLAS above.
+
+Tuning is triton.autotune over small tables, keyed by (M bucket, N, K): the first call of each
+shape benchmarks the configs (seconds), so warm up before capturing CUDA graphs. Under
+TRITON_INTERPRET=1 one fixed small config runs and nothing is tuned.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import types
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .quant_ref import dequantize_ref
+
+try:  # Triton is Linux-only: without it the kernels stay plain functions and wrappers run the refs
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised by a subprocess test
+    HAS_TRITON = False
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = types.SimpleNamespace(constexpr=None)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or _interpreting())
+
+
+# ----------------------------------------------------------------------------- kernel
+
+@triton.jit
+def _linear_kernel(
+    x_ptr,        # [M, K] activations, fp16 / bf16 / fp32
+    w_ptr,        # [N, K] weight: int8 (QUANT) or the activations' dtype
+    s_ptr,        # [G, C] scales, fp32 or fp16 (unused unless QUANT)
+    b_ptr,        # [N] bias (unused unless HAS_BIAS)
+    y_ptr,        # [M, N] output, the activations' dtype
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sg, stride_sc, stride_ym, stride_yn,
+    rows_per_group,           # N // G: output rows that share a row of scales
+    m_bucket,                 # autotune key only (M rounded up to a power of two)
+    QUANT: tl.constexpr,      # w is int8 and is dequantized with s
+    COL_GROUP: tl.constexpr,  # K // C, or 0 when C == 1 (scale applied after the K loop)
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 activations, else "tf32" (ignored for 16-bit)
+    EVEN_K: tl.constexpr,     # K % BLOCK_K == 0: no masks along K
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,    # tiles of M per group in the launch order (L2 reuse of w)
+    SWAP_AB: tl.constexpr,    # accumulate y.T = w @ x.T (weight tile as the first MMA operand)
+):
+    # grouped launch order (tutorial 03): GROUP_M row-tiles walk the same columns of w together
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    s_rows = s_ptr + (offs_n // rows_per_group) * stride_sg                      # [BLOCK_N]
+
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        else:
+            k_mask = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
+        if QUANT:
+            if COL_GROUP == 0:      # scale is per row: applied to acc after the loop
+                w = w.to(x.dtype)
+            elif COL_GROUP % BLOCK_K == 0:  # the tile lies in one column group: one scale per row
+                s = tl.load(s_rows + (k0 // COL_GROUP) * stride_sc, mask=n_mask, other=0.0)
+                w = (w.to(tl.float32) * s.to(tl.float32)[:, None]).to(x.dtype)
+            else:                   # odd group widths: gather a scale per element
+                cols = (k0 + offs_k) // COL_GROUP
+                s = tl.load(s_rows[:, None] + cols[None, :] * stride_sc,
+                            mask=n_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+                w = (w.to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if SWAP_AB:
+        acc = tl.trans(acc)                                   # [BLOCK_M, BLOCK_N]
+    if QUANT:
+        if COL_GROUP == 0:
+            s = tl.load(s_rows, mask=n_mask, other=0.0)
+            acc = acc * s.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gemv_load(x_ptrs, w_ptrs, m_mask, n_mask, offs_k, K, k0, MASK_K: tl.constexpr):
+    # x [BLOCK_M, BLOCK_K], w [BLOCK_N, BLOCK_K] at K offset k0 (pointers already advanced)
+    if MASK_K:
+        k_mask = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
+    else:
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+    return x, w
+
+
+@triton.jit
+def _gemv_accumulate(acc, x, w, s_rows, n_mask, offs_k, K, k0, stride_sc,
+                     QUANT: tl.constexpr, COL_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                     REDUCE_K: tl.constexpr):
+    # acc += x * dequant(w) for the K-tile at k0: acc is [BLOCK_M, BLOCK_N, BLOCK_K] partial
+    # products, or with REDUCE_K [BLOCK_M, BLOCK_N] sums (reduced over the tile every step)
+    w = w.to(tl.float32)
+    if QUANT:
+        if COL_GROUP == 0:
+            pass                      # per-row scale, applied after the loop
+        elif COL_GROUP % BLOCK_K == 0:
+            s = tl.load(s_rows + (k0 // COL_GROUP) * stride_sc, mask=n_mask, other=0.0)
+            w = w * s.to(tl.float32)[:, None]
+        else:
+            cols = (k0 + offs_k) // COL_GROUP
+            s = tl.load(s_rows[:, None] + cols[None, :] * stride_sc,
+                        mask=n_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            w = w * s.to(tl.float32)
+    prod = w[None, :, :] * x.to(tl.float32)[:, None, :]
+    if REDUCE_K:
+        return acc + tl.sum(prod, axis=2)
+    else:
+        return acc + prod
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,        # [M, K] activations, M <= BLOCK_M
+    w_ptr,        # [N, K] weight: int8 (QUANT) or the activations' dtype
+    s_ptr,        # [G, C] scales (unused unless QUANT)
+    b_ptr,        # [N] bias (unused unless HAS_BIAS)
+    y_ptr,        # [M, N] output
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sg, stride_sc, stride_ym, stride_yn,
+    rows_per_group,
+    m_bucket,                 # autotune key only
+    QUANT: tl.constexpr, COL_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,    # power of two >= M (1, 2 or 4): rows of x
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,   # issue the next K-tile's loads before using the current one
+    REDUCE_K: tl.constexpr,   # sum over each K-tile at once: fewer registers, so bigger tiles
+):
+    # No tensor cores: each program streams a [BLOCK_N, K] strip of w and keeps per-lane partial
+    # products in a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 tile, reduced over K once at the end; that
+    # costs 4 bytes of registers per int8 weight byte in flight, so REDUCE_K instead reduces each
+    # tile as it goes (a few shuffles a step) and affords larger tiles. PREFETCH double-buffers
+    # the tiles in registers, so that a program has its next loads in flight while it converts
+    # and multiplies (the loads feed no tl.dot, so Triton's software pipelining does not apply).
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    s_rows = s_ptr + (offs_n // rows_per_group) * stride_sg                      # [BLOCK_N]
+    if REDUCE_K:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PREFETCH:
+        x, w = _gemv_load(x_ptrs, w_ptrs, m_mask, n_mask, offs_k, K, 0, True)
+        for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+            x_next, w_next = _gemv_load(x_ptrs, w_ptrs, m_mask, n_mask, offs_k, K, k0, True)
+            acc = _gemv_accumulate(acc, x, w, s_rows, n_mask, offs_k, K, k0 - BLOCK_K,
+                                   stride_sc, QUANT, COL_GROUP, BLOCK_K, REDUCE_K)
+            x = x_next
+            w = w_next
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            x, w = _gemv_load(x_ptrs, w_ptrs, m_mask, n_mask, offs_k, K, k0, not EVEN_K)
+            acc = _gemv_accumulate(acc, x, w, s_rows, n_mask, offs_k, K, k0, stride_sc,
+                                   QUANT, COL_GROUP, BLOCK_K, REDUCE_K)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+    if REDUCE_K:
+        y = acc
+    else:
+        y = tl.sum(acc, axis=2)                                           # [BLOCK_M, BLOCK_N]
+    if QUANT:
+        if COL_GROUP == 0:
+            y = y * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dequant_kernel(
+    q_ptr,        # [N, K] int8
+    s_ptr,        # [G, C] scales
+    w_ptr,        # [N, K] output in the activations' dtype (contiguous)
+    N, K, stride_qn, stride_qk, stride_sg, stride_sc,
+    rows_per_group,              # N // G
+    COL_GROUP: tl.constexpr,     # K // C, or 0 when C == 1
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    mask = n_mask[:, None] & (offs_k < K)[None, :]
+    q = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, mask=mask)
+    s_rows = s_ptr + (offs_n // rows_per_group) * stride_sg                       # [BLOCK_N]
+    if COL_GROUP == 0:
+        s = tl.load(s_rows, mask=n_mask, other=0.0)[:, None]
+    elif COL_GROUP % BLOCK_K == 0:      # the tile lies in one column group
+        s = tl.load(s_rows + (k0 // COL_GROUP) * stride_sc, mask=n_mask, other=0.0)[:, None]
+    else:
+        s = tl.load(s_rows[:, None] + (offs_k // COL_GROUP)[None, :] * stride_sc, mask=mask)
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :],
+             (q.to(tl.float32) * s.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+GEMV_MAX_M = 4                  # M <= 4: _gemv_kernel (CUDA cores, no x tile padded to 16 rows)
+DECODE_MAX_M = 16               # M <= 16: _linear_kernel with the decode tiles
+# M >= this: dequantize w to the activations' dtype (one pass) and run cuBLAS. Measured on an
+# H200 (Llama-7B shapes): the fused kernel reaches 0.55-0.65x cuBLAS at M = 1024-4096 (no warp
+# specialization of the dequant) and is no faster than dequant + cuBLAS at M = 256, while the
+# dequant pass costs a few percent of a large GEMM (0.92-0.96x cuBLAS at M = 4096).
+PREFILL_DEQUANT_MIN_M = 256
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, num_warps, num_stages). Decode tiles are narrow in N so that
+# even N = 2048 (a TP-2 slice) gives over a hundred programs streaming w, and long in K: the cost
+# per K-step (x tile, MMA, barriers) is what limits them, not the bytes.
+_DECODE_TILES = [
+    (16, 32, 512, False, 4, 3),
+    (16, 16, 1024, False, 4, 2),
+    (16, 32, 256, False, 4, 4),
+    (16, 128, 128, True, 4, 3),
+    (16, 16, 128, False, 4, 6),
+    (16, 32, 128, False, 4, 5),
+    (16, 64, 128, False, 4, 4),
+]
+_PREFILL_TILES = [         # 16 < M < PREFILL_DEQUANT_MIN_M
+    (128, 128, 64, False, 4, 4),
+    (128, 128, 64, True, 8, 4),
+    (64, 128, 64, False, 4, 4),
+    (64, 64, 128, False, 4, 4),
+    (32, 64, 256, False, 4, 3),
+]
+# _gemv_kernel candidates per BLOCK_M: (BLOCK_N, BLOCK_K, num_warps, PREFETCH, REDUCE_K), wide
+# K-tiles first, then 128-wide ones for 128-column scale groups; _tuned_gemv keeps the first six
+# whose BLOCK_K fits the column groups. Registers a thread (ptxas, sm_90) stay under ~200, so two
+# to four programs share an SM. Measured on an H200 (M = 1, non-prefetch, no REDUCE_K): best
+# (8, 1024, 4) for per-row scales and (8, 128, 4) for 128-wide groups; the PREFETCH / REDUCE_K
+# variants came after that run and compete in the autotuner unmeasured.
+_GEMV_TILES = {
+    1: [(8, 1024, 4, False, False), (16, 512, 4, False, True), (32, 256, 4, False, True),
+        (16, 512, 4, True, True), (16, 1024, 4, False, True), (8, 512, 4, True, False),
+        (8, 128, 4, False, False), (16, 128, 4, True, False), (32, 128, 4, True, True),
+        (64, 128, 4, False, True), (128, 128, 8, True, True), (16, 128, 4, False, False)],
+    2: [(4, 512, 4, False, False), (2, 1024, 4, False, False), (16, 512, 4, False, True),
+        (16, 512, 4, True, True), (32, 256, 4, False, True), (8, 256, 4, False, False),
+        (8, 128, 4, False, False), (16, 128, 4, True, False), (32, 128, 4, False, True),
+        (4, 128, 4, False, False), (16, 128, 4, False, False), (32, 128, 4, True, True)],
+    4: [(4, 512, 4, False, False), (2, 1024, 4, False, False), (8, 256, 4, False, False),
+        (16, 512, 4, False, True), (16, 512, 4, True, True), (4, 512, 4, True, False),
+        (4, 128, 4, False, False), (8, 128, 4, False, False), (16, 128, 4, True, True),
+        (4, 128, 4, True, False), (16, 128, 4, False, False), (2, 128, 4, False, False)],
+}
+_INTERPRET_TILE = (16, 16, 32, False, 1, 1)   # small: the interpreter runs programs one by one
+_INTERPRET_GEMV_TILE = (16, 32, 1, False, False)
+
+
+def _max_block_k(col_group: int) -> int:
+    """Largest BLOCK_K that keeps a K-tile inside one column group (no per-element scales)."""
+    if col_group == 0:
+        return 1 << 30
+    return col_group & -col_group   # largest power of two dividing the group width
+
+
+def _even_k(args):
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(decode: bool, max_bk: int):
+    tiles = _DECODE_TILES if decode else _PREFILL_TILES
+    fits = [t for t in tiles if t[2] <= max_bk] or [t[:2] + (max(16, min(max_bk, 64)),) + t[3:]
+                                                    for t in tiles[:1]]
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWAP_AB=swap,
+                                  GROUP_M=1 if decode else 8), num_warps=w, num_stages=st)
+               for bm, bn, bk, swap, w, st in fits]
+    heur = triton.heuristics({"EVEN_K": _even_k})(_linear_kernel)
+    return triton.autotune(configs=configs, key=["m_bucket", "N", "K"])(heur)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_gemv(block_m: int, max_bk: int):
+    fits = [t for t in _GEMV_TILES[block_m] if t[1] <= max_bk][:6] or [(16, 16, 4, False, False)]
+    configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pf, REDUCE_K=rk),
+                             num_warps=w, num_stages=1) for bn, bk, w, pf, rk in fits]
+    heur = triton.heuristics({"EVEN_K": _even_k})(_gemv_kernel)
+    return triton.autotune(configs=configs, key=["m_bucket", "N", "K"])(heur)
+
+
+def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None):
+    """x2 [M, K], w [N, K], y [M, N]. config (a tile tuple: 6 entries for _linear_kernel, 5 for
+    _gemv_kernel) bypasses autotuning (benchmarks, tests)."""
+    M, K = x2.shape
+    N = w.shape[0]
+    args = (x2, w, s if s is not None else w, bias if bias is not None else y, y, M, N, K,
+            x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
+            s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
+            y.stride(0), y.stride(1),
+            N // s.shape[0] if s is not None else 1, triton.next_power_of_2(M))
+    flags = dict(QUANT=quant, COL_GROUP=col_group, HAS_BIAS=bias is not None)
+    interp = _interpreting()
+    if (config is None and M <= GEMV_MAX_M) or (config is not None and len(config) == 5):
+        block_m = triton.next_power_of_2(M)
+        if config is None and not interp:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+            _tuned_gemv(block_m, _max_block_k(col_group))[grid](*args, **flags, BLOCK_M=block_m)
+            return
+        bn, bk, warps, prefetch, reduce_k = config or _INTERPRET_GEMV_TILE
+        _gemv_kernel[(triton.cdiv(N, bn),)](*args, **flags, EVEN_K=K % bk == 0, BLOCK_M=block_m,
+                                           BLOCK_N=bn, BLOCK_K=bk, PREFETCH=prefetch,
+                                           REDUCE_K=reduce_k, num_warps=warps)
+        return
+    flags["DOT_PRECISION"] = "ieee" if x2.dtype == torch.float32 else "tf32"
+    decode = M <= DECODE_MAX_M
+    if config is None and not interp:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _tuned(decode, _max_block_k(col_group))[grid](*args, **flags)
+        return
+    bm, bn, bk, swap, warps, stages = config or _INTERPRET_TILE
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _linear_kernel[grid](*args, **flags, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         GROUP_M=1 if decode else 8, SWAP_AB=swap, num_warps=warps,
+                         num_stages=stages)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+def _check_x(x: torch.Tensor, k: int, what: str):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{what}: activations must be fp16, bf16 or fp32, got {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"{what}: x has {x.shape[-1]} input features, the weight {k}")
+
+
+def _prepare(x, n, bias, out, what):
+    x2 = x.reshape(-1, x.shape[-1])
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device):
+        raise ValueError(f"{what}: bias must be [{n}] on {x.device}, got {tuple(bias.shape)} "
+                         f"on {bias.device}")
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"{what}: out must be a contiguous {x.dtype} tensor of shape {shape}")
+    return x2, out
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                config=None) -> torch.Tensor:
+    """x [..., K] @ dequant(q [N, K] int8, scale [G, C]).T (+ bias [N]) -> [..., N] in x's dtype.
+
+    G must divide N and C must divide K (the quantizer's geometry). q may be any strided view
+    (e.g. the .t() of a Conv1D's [K, N] storage), but a row-major [N, K] q streams fastest."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise TypeError(f"int8_linear: q must be a 2-D int8 [N, K] tensor, got {q.dtype} "
+                        f"{tuple(q.shape)}")
+    n, k = q.shape
+    _check_x(x, k, "int8_linear")
+    if scale.dim() != 2 or n % scale.shape[0] or k % scale.shape[1]:
+        raise ValueError(f"int8_linear: scale {tuple(scale.shape)} does not tile the weight "
+                         f"[{n}, {k}] into [groups, col_groups] blocks")
+    if not scale.dtype.is_floating_point:
+        raise TypeError(f"int8_linear: scale must be fp32 or fp16, got {scale.dtype}")
+    if not (q.device == scale.device == x.device):
+        raise ValueError(f"int8_linear: x, q and scale must share a device, got {x.device}, "
+                         f"{q.device}, {scale.device}")
+    if not _use_triton(x):
+        return int8_linear_ref(x, q, scale, bias, out=out)
+    x2, y = _prepare(x, n, bias, out, "int8_linear")
+    if x2.shape[0] >= PREFILL_DEQUANT_MIN_M and config is None:
+        w = dequantize(q, scale, x.dtype)                     # one pass, then cuBLAS
+        if bias is None:
+            torch.mm(x2, w.t(), out=y.view(-1, n))
+        else:
+            torch.addmm(bias.to(x.dtype), x2, w.t(), out=y.view(-1, n))
+        return y
+    col_group = 0 if scale.shape[1] == 1 else k // scale.shape[1]
+    if x2.shape[0]:
+        _launch(x2, q, scale, bias, y.view(-1, n), True, col_group, config)
+    return y
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float16
+               ) -> torch.Tensor:
+    """(q int8 [N, K], scale [G, C]) -> w [N, K] in dtype, one pass (dequantize_ref's maths)."""
+    if q.dtype != torch.int8 or q.dim() != 2 or scale.dim() != 2 or q.shape[0] % scale.shape[0] \
+            or q.shape[1] % scale.shape[1]:
+        raise ValueError(f"dequantize: need int8 q [N, K] and scale [G, C] tiling it, got "
+                         f"{q.dtype} {tuple(q.shape)} and {tuple(scale.shape)}")
+    if not _use_triton(q):
+        return dequantize_ref(q, scale, dtype)
+    n, k = q.shape
+    w = torch.empty((n, k), dtype=dtype, device=q.device)
+    col_group = 0 if scale.shape[1] == 1 else k // scale.shape[1]
+    BLOCK_N, BLOCK_K = (16, 32) if _interpreting() else (32, min(256, _max_block_k(col_group)))
+    BLOCK_K = max(BLOCK_K, 16)
+    if w.numel():
+        _dequant_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))](
+            q, scale, w, n, k, q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
+            n // scale.shape[0], COL_GROUP=col_group, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            num_warps=4)
+    return w
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         out: Optional[torch.Tensor] = None, config=None) -> torch.Tensor:
+    """x [..., K] @ w [N, K].T (+ bias) for fp16/bf16/fp32 weights of x's dtype.
+
+    The Triton kernel runs for decode (at most 16 rows of x); larger M goes to cuBLAS (F.linear)."""
+    if w.dim() != 2 or w.dtype != x.dtype:
+        raise TypeError(f"gemv: w must be a 2-D [N, K] tensor of x's dtype {x.dtype}, got "
+                        f"{w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    _check_x(x, k, "gemv")
+    if w.device != x.device:
+        raise ValueError(f"gemv: x on {x.device}, w on {w.device}")
+    rows = x.numel() // k if k else 0
+    if not _use_triton(x) or (rows > DECODE_MAX_M and config is None and not _interpreting()):
+        y = linear_ref(x, w, bias)
+        return y if out is None else out.copy_(y)
+    x2, y = _prepare(x, n, bias, out, "gemv")
+    if x2.shape[0]:
+        _launch(x2, w, None, bias, y.view(-1, n), False, 0, config)
+    return y
+
+
+# ----------------------------------------------------------------------------- references
+
+def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """Dequantize the whole weight to x's dtype (quant_ref), then F.linear."""
+    y = F.linear(x, dequantize_ref(q, scale, x.dtype), bias)
+    return y if out is None else out.copy_(y)
+
+
+def linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+    return F.linear(x, w, bias)

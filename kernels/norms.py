@@ -1,0 +1,141 @@
+"""Fused residual add + LayerNorm / RMSNorm over the last dim.
+
+    h = x + residual                 (rounded to the residual's dtype: the new residual stream)
+    LayerNorm: y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias
+    RMSNorm:   y = h / sqrt(mean(h^2) + eps) * weight
+returns (y in x's dtype, h). One program normalizes one row in fp32; the row fits one block.
+"""
+from __future__ import annotations
+
+import os
+import types
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is Linux-only: without it the kernels stay plain functions and wrappers run the refs
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised by a subprocess test
+    HAS_TRITON = False
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = types.SimpleNamespace(constexpr=None)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    interpret = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
+    return HAS_TRITON and (t.is_cuda or interpret)
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+@triton.jit
+def _add_norm_kernel(
+    x_ptr,        # [R, H] input (a sub-block's output)
+    r_ptr,        # [R, H] residual stream in (unused unless HAS_RESIDUAL)
+    w_ptr,        # [H] weight (unused unless HAS_WEIGHT)
+    b_ptr,        # [H] bias (unused unless HAS_BIAS)
+    y_ptr,        # [R, H] normalized output, x's dtype
+    h_ptr,        # [R, H] new residual x + residual, residual's dtype (unused unless HAS_RESIDUAL)
+    H,            # features per row
+    stride_x, stride_r, stride_y, stride_h,   # row strides (the feature dim is contiguous)
+    eps,
+    RMS: tl.constexpr,            # RMSNorm (no mean subtraction, no bias) else LayerNorm
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,          # power of two >= H
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = h.to(h_ptr.dtype.element_ty)   # the stream keeps its dtype; normalize what is stored
+        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+        h = h.to(tl.float32)
+    if RMS:
+        var = tl.sum(h * h, axis=0) / H
+        y = h * tl.rsqrt(var + eps)
+    else:
+        mean = tl.sum(h, axis=0) / H
+        d = tl.where(mask, h - mean, 0.0)
+        var = tl.sum(d * d, axis=0) / H
+        y = d * tl.rsqrt(var + eps)
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor, h: int) -> torch.Tensor:
+    t2 = t.reshape(-1, h)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor] = None, eps: float = 1e-5, norm: str = "layernorm",
+             out: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual) over the last dim; without residual, (norm(x), x).
+
+    norm: "layernorm" (weight, bias optional) or "rmsnorm" (weight; bias must be None).
+    The normed output has x's dtype, the new residual the residual's dtype."""
+    if norm not in NORMS:
+        raise ValueError(f"add_norm: unknown norm {norm!r}; known: {', '.join(NORMS)}")
+    if norm == "rmsnorm" and bias is not None:
+        raise ValueError("add_norm: RMSNorm takes no bias")
+    H = x.shape[-1]
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        want = x.shape if name == "residual" else (H,)
+        if tuple(t.shape) != tuple(want) or t.device != x.device:
+            raise ValueError(f"add_norm: {name} must be {tuple(want)} on {x.device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+    if not _use_triton(x):
+        y, h = add_norm_ref(x, residual, weight, bias, eps, norm)
+        if out is not None:
+            y = out.copy_(y)
+        if residual_out is not None and residual is not None:
+            h = residual_out.copy_(h)
+        return y, h
+    x2 = _rows(x, H)
+    y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, H)
+    if residual is not None:
+        r2 = _rows(residual, H)
+        h = residual_out if residual_out is not None else torch.empty(
+            x.shape, dtype=residual.dtype, device=x.device)
+        h2 = h.view(-1, H)
+    else:
+        r2, h, h2 = x2, x, y2
+    BLOCK = triton.next_power_of_2(H)
+    warps = min(max(BLOCK // 512, 1), 16)
+    if x2.shape[0]:
+        _add_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, y2, h2,
+            H, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), eps,
+            RMS=norm == "rmsnorm", HAS_RESIDUAL=residual is not None,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=BLOCK,
+            num_warps=warps)
+    return y, h
+
+
+def add_norm_ref(x: torch.Tensor, residual: Optional[torch.Tensor],
+                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor] = None,
+                 eps: float = 1e-5, norm: str = "layernorm") -> Tuple[torch.Tensor, torch.Tensor]:
+    h = x if residual is None else (x.float() + residual.float()).to(residual.dtype)
+    hf = h.float()
+    if norm == "rmsnorm":
+        y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        y = F.layer_norm(hf, hf.shape[-1:], eps=eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), h

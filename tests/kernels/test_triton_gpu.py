@@ -1,0 +1,363 @@
+"""The Triton kernels on a GPU at real shapes (Llama-7B / GPT-Neo / BLOOM layers), fp16 and bf16.
+
+Correctness against the torch references (||out - ref|| / ||ref|| <= 1e-2 for 16-bit inputs; the
+reference runs in fp32 on the same inputs), outputs poisoned with NaN before every launch.
+test_timings prints kernel times next to torch's (cuBLAS fp16, reference dequant + matmul, eager
+ops): small kernels replayed from a CUDA graph over buffers rotated past L2 (a graph-captured
+decode step), large ones with triton.testing.do_bench (median, L2 flushed). The numbers are
+printouts, not assertions. DSINFER_SWEEP=1 also times GEMV tiles one by one.
+Run: pytest -m gpu -s tests/kernels/test_triton_gpu.py (OUT=dir also writes kernels_bench.txt).
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsinfer.kernels import (activations, attention, int8_gemm, norms, quantize_ref,
+                             rotary)
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEV = "cuda"
+TOL = 1e-2
+LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]       # (N, K): q/o proj, gate/up, down
+
+
+def rel(out, ref):
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def poison(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+def quantized(n, k, groups, group_size, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w = torch.randn(n, k, device=DEV, generator=g) * 0.02
+    return quantize_ref(w, groups, group_size)
+
+
+# ----------------------------------------------------------------------------- correctness
+
+@pytest.mark.parametrize("nk", LLAMA)
+@pytest.mark.parametrize("m", [1, 4, 16, 256, 2048])      # GEMV kernel, tl.dot tiles, dequant
+@pytest.mark.parametrize("geometry", [(64, None), (1, 128)])     # row groups; 128-wide blocks
+def test_int8_linear(nk, m, geometry):
+    n, k = nk
+    q, s = quantized(n, k, *geometry)
+    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+    b = torch.randn(n, device=DEV, dtype=torch.float16) if m == 16 else None
+    y = int8_gemm.int8_linear(x, q, s, b, out=poison((m, n), torch.float16))
+    ref = int8_gemm.int8_linear_ref(x.float(), q, s, None if b is None else b.float())
+    assert rel(y, ref) < TOL
+
+
+@pytest.mark.parametrize("m", [1, 2048])
+def test_int8_linear_bf16_fp16_scales(m):
+    q, s = quantized(4096, 4096, 1, 128)
+    s = s.half()
+    x = torch.randn(m, 4096, device=DEV, dtype=torch.bfloat16)
+    y = int8_gemm.int8_linear(x, q, s, out=poison((m, 4096), torch.bfloat16))
+    assert rel(y, int8_gemm.int8_linear_ref(x.float(), q, s)) < TOL
+
+
+@pytest.mark.parametrize("nk", LLAMA[:2])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv(nk, m, dtype):
+    n, k = nk
+    w = torch.randn(n, k, device=DEV, dtype=dtype) * 0.02
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    y = int8_gemm.gemv(x, w, out=poison((m, n), dtype))
+    assert rel(y, F.linear(x.float(), w.float())) < TOL
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [2560, 4096, 5120])
+def test_add_norm(norm, dtype, hidden):
+    x = torch.randn(2048, hidden, device=DEV, dtype=dtype)
+    r = torch.randn(2048, hidden, device=DEV, dtype=dtype)
+    w = torch.randn(hidden, device=DEV, dtype=dtype)
+    b = torch.randn(hidden, device=DEV, dtype=dtype) if norm == "layernorm" else None
+    y, h = norms.add_norm(x, r, w, b, 1e-5, norm, out=poison(x.shape, dtype),
+                          residual_out=poison(x.shape, dtype))
+    y_ref, h_ref = norms.add_norm_ref(x, r, w, b, 1e-5, norm)
+    assert rel(y, y_ref) < TOL and rel(h, h_ref) < TOL
+
+
+@pytest.mark.parametrize("act", activations.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_act(act, dtype):
+    x = torch.randn(512, 10240, device=DEV, dtype=dtype) * 3
+    b = torch.randn(10240, device=DEV, dtype=dtype)
+    y = activations.bias_act(x, b, act, out=poison(x.shape, dtype))
+    assert rel(y, activations.bias_act_ref(x, b, act)) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_mul(dtype):
+    x = torch.randn(512, 2 * 11008, device=DEV, dtype=dtype) * 3
+    y = activations.silu_mul(x, out=poison((512, 11008), dtype))
+    assert rel(y, activations.silu_mul_ref(x)) < TOL
+
+
+@pytest.mark.parametrize("style,heads,head_dim,rotary_dim", [
+    ("neox", 32, 128, None),         # Llama-7B
+    ("gptj", 16, 256, 64),           # GPT-J-6B
+    ("neox", 32, 80, 20),            # GPT-NeoX / Pythia-2.8B (rotary_pct 0.25)
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rotary(style, heads, head_dim, rotary_dim, dtype):
+    B, S = 4, 512
+    cos, sin = rotary.rotary_cache(4096, rotary_dim or head_dim, device=DEV)
+    x = torch.randn(B, heads, S, head_dim, device=DEV, dtype=dtype).transpose(1, 2)
+    pos = torch.randint(0, 4096, (B, S), device=DEV)
+    y = rotary.apply_rotary(x, cos, sin, pos, style, rotary_dim)
+    assert rel(y, rotary.apply_rotary_ref(x, cos, sin, pos, style, rotary_dim)) < TOL
+
+
+@pytest.mark.parametrize("hq,hkv,head_dim,alibi,window", [
+    (32, 32, 128, False, 0),         # Llama-7B
+    (32, 8, 128, False, 0),          # GQA 4:1
+    (32, 32, 128, True, 0),          # BLOOM-style ALiBi
+    (20, 20, 128, False, 256),       # GPT-Neo-2.7B local layer
+    (16, 16, 256, False, 0),         # GPT-J head_dim 256
+])
+@pytest.mark.parametrize("sq", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention(hq, hkv, head_dim, alibi, window, sq, dtype):
+    B, max_len = 4, 2048
+    k_cache = torch.randn(B, hkv, max_len, head_dim, device=DEV, dtype=dtype)
+    v_cache = torch.randn(B, hkv, max_len, head_dim, device=DEV, dtype=dtype)
+    q = torch.randn(B, hq, sq, head_dim, device=DEV, dtype=dtype)
+    lengths = torch.tensor([7, 300, 1500, 2048], device=DEV, dtype=torch.int32)
+    slopes = torch.rand(hq, device=DEV) if alibi else None
+    y = attention.decode_attention(q, k_cache, v_cache, lengths, None, slopes, window,
+                                   out=poison(q.shape, dtype))
+    ref = attention.decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), lengths,
+                                         None, slopes, window)
+    assert rel(y, ref) < TOL
+
+
+@pytest.mark.parametrize("alibi,window", [(False, 0), (True, 0), (False, 256)])
+def test_prefill_attention(alibi, window):
+    B, H, S, D = 2, 16, 1024, 128
+    q, k, v = (torch.randn(B, H, S, D, device=DEV, dtype=torch.float16) for _ in range(3))
+    slopes = torch.rand(H, device=DEV) if alibi else None
+    y = attention.prefill_attention(q, k, v, None, slopes, window)
+    ref = attention.prefill_attention_ref(q.float(), k.float(), v.float(), None, slopes, window)
+    assert rel(y, ref) < TOL
+
+
+# ----------------------------------------------------------------------------- timings
+
+def _bench(fn):
+    """Median ms of fn through triton's do_bench (L2 flushed before each run). For kernels of a
+    few microseconds this includes the CPU launch time: use _graph_us for those."""
+    import triton
+    fn()                       # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _graph_us(fns, reps=20):
+    """Median microseconds per call of fns (closures, each on its own buffers, together larger
+    than L2), replayed from one CUDA graph: GPU time without CPU launch overhead, as in a
+    graph-captured decode step."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:          # compile, autotune, warm the allocator outside the capture
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / (reps * len(fns)))
+    return sorted(times)[len(times) // 2]
+
+
+class Report:
+    def __init__(self):
+        self.lines = [f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}"]
+
+    def __call__(self, line=""):
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def save(self):
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "kernels_bench.txt"), "a") as f:
+                f.write("\n".join(self.lines) + "\n")
+
+
+def _copy_bandwidth():
+    a = torch.empty(2 ** 28, device=DEV)          # 1 GiB
+    b = torch.empty_like(a)
+    t = _bench(lambda: b.copy_(a))
+    return 2 * a.numel() * 4 / t / 1e6           # GB/s, bytes read + written
+
+
+def _copies(nbytes, total=192 * 2 ** 20):
+    return max(2, math.ceil(total / nbytes))
+
+
+def _decode_table(rep):
+    rep("W8A16 decode, CUDA-graph replay, weights rotated past L2: us (GB/s of weight bytes)")
+    rep(f"{'N':>6} {'K':>6} {'M':>3} | {'cuBLAS fp16':>14} {'ref deq+mm':>10} {'int8 g64':>14} "
+        f"{'int8 k128':>14} {'fp16 gemv':>14} | int8/cuBLAS")
+    for n, k in LLAMA:
+        w16 = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
+               for _ in range(_copies(2 * n * k))]
+        q64 = [quantize_ref(torch.randn(n, k, device=DEV) * 0.02, 64)
+               for _ in range(_copies(n * k))]
+        qk = [quantize_ref(torch.randn(n, k, device=DEV) * 0.02, 1, 128)
+              for _ in range(_copies(n * k))]
+        for m in [1, 8, 16]:
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            t_cub = _graph_us([lambda w=w: F.linear(x, w) for w in w16])
+            t_ref = _graph_us([lambda q=q, s=s: int8_gemm.int8_linear_ref(x, q, s)
+                               for q, s in q64[:2]], reps=4)
+            t_g = _graph_us([lambda q=q, s=s: int8_gemm.int8_linear(x, q, s) for q, s in q64])
+            t_k = _graph_us([lambda q=q, s=s: int8_gemm.int8_linear(x, q, s) for q, s in qk])
+            t_v = _graph_us([lambda w=w: int8_gemm.gemv(x, w) for w in w16])
+            i8, f16 = n * k / 1e3, 2 * n * k / 1e3     # bytes / 1e3: GB/s = that / us
+            rep(f"{n:>6} {k:>6} {m:>3} | {t_cub:6.1f} ({f16 / t_cub:5.0f}) {t_ref:10.1f} "
+                f"{t_g:6.1f} ({i8 / t_g:5.0f}) {t_k:6.1f} ({i8 / t_k:5.0f}) "
+                f"{t_v:6.1f} ({f16 / t_v:5.0f}) | {t_cub / t_g:5.2f}x")
+        del w16, q64, qk
+
+
+def _prefill_table(rep):
+    rep("W8A16 prefill, do_bench median: us (TFLOP/s); int8 = default path (fused kernel below "
+        f"M={int8_gemm.PREFILL_DEQUANT_MIN_M}, dequant + cuBLAS from it)")
+    rep(f"{'N':>6} {'K':>6} {'M':>5} | {'cuBLAS fp16':>14} {'ref deq+mm':>10} {'int8':>14} "
+        f"{'int8 fused':>10} {'deq+cuBLAS':>10} | int8/cuBLAS")
+    for n, k in LLAMA:
+        w16 = torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
+        q, s = quantize_ref(w16.float(), 64)
+        for m in [256, 1024, 4096]:
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+            t_cub = _bench(lambda: F.linear(x, w16)) * 1e3
+            t_ref = _bench(lambda: int8_gemm.int8_linear_ref(x, q, s)) * 1e3
+            t_i8 = _bench(lambda: int8_gemm.int8_linear(x, q, s)) * 1e3
+            keep = int8_gemm.PREFILL_DEQUANT_MIN_M
+            try:
+                int8_gemm.PREFILL_DEQUANT_MIN_M = 1 << 30
+                t_fused = _bench(lambda: int8_gemm.int8_linear(x, q, s)) * 1e3
+                int8_gemm.PREFILL_DEQUANT_MIN_M = 1
+                t_deq = _bench(lambda: int8_gemm.int8_linear(x, q, s)) * 1e3
+            finally:
+                int8_gemm.PREFILL_DEQUANT_MIN_M = keep
+            tf = 2 * m * n * k / 1e6
+            rep(f"{n:>6} {k:>6} {m:>5} | {t_cub:6.1f} ({tf / t_cub:5.0f}) {t_ref:10.1f} "
+                f"{t_i8:6.1f} ({tf / t_i8:5.0f}) {t_fused:10.1f} {t_deq:10.1f} | "
+                f"{t_cub / t_i8:5.2f}x")
+
+
+def _tuned_choices(rep):
+    rep("autotuned choices (key = m_bucket, N, K, dtypes...):")
+    for fn in (int8_gemm._tuned_gemv, int8_gemm._tuned):
+        for args in [a for a in ((1, 1 << 30), (8, 1 << 30), (1, 128), (8, 128),
+                                 (True, 1 << 30), (False, 1 << 30), (True, 128), (False, 128))
+                     if isinstance(a[0], bool) == (fn is int8_gemm._tuned)]:
+            for key, cfg in fn(*args).cache.items():
+                rep(f"  {fn.__name__}{args}: {key[:3]} -> {cfg.kwargs} w{cfg.num_warps} "
+                    f"s{cfg.num_stages}")
+
+
+SWEEP_GEMV = int8_gemm._GEMV_TILES[1][:6]
+
+
+def _sweep(rep):
+    for n, k in LLAMA:
+        qs = [quantize_ref(torch.randn(n, k, device=DEV) * 0.02, 64)
+              for _ in range(_copies(n * k))]
+        x = torch.randn(1, k, device=DEV, dtype=torch.float16)
+        rows = []
+        for tile in SWEEP_GEMV:
+            t = _graph_us([lambda q=q, s=s: int8_gemm.int8_linear(x, q, s, config=tile)
+                           for q, s in qs])
+            rows.append((t, tile))
+        for t, tile in sorted(rows)[:3]:
+            rep(f"  sweep gemv M=1 N={n} K={k}: {t:6.1f} us {n * k / 1e3 / t:5.0f} GB/s {tile}")
+
+
+def _attention_table(rep):
+    rep("decode attention (fp16, Hq=Hkv=32, D=128, cache 4096), CUDA graph: us (GB/s of K+V)")
+    for B, L in [(1, 512), (1, 2048), (8, 2048)]:
+        sets = []
+        for _ in range(_copies(2 * B * 32 * 4096 * 128 * 2)):
+            kc = torch.randn(B, 32, 4096, 128, device=DEV, dtype=torch.float16)
+            sets.append((kc, torch.randn_like(kc)))
+        qd = torch.randn(B, 32, 1, 128, device=DEV, dtype=torch.float16)
+        lengths = torch.full((B,), L, device=DEV, dtype=torch.int32)
+        t_k = _graph_us([lambda kc=kc, vc=vc: attention.decode_attention(qd, kc, vc, lengths)
+                         for kc, vc in sets])
+        t_s = _graph_us([lambda kc=kc, vc=vc: F.scaled_dot_product_attention(
+            qd, kc[:, :, :L], vc[:, :, :L]) for kc, vc in sets])
+        kv = 2 * B * 32 * L * 128 * 2 / 1e3
+        rep(f"  B={B} L={L}: triton {t_k:6.1f} us ({kv / t_k:5.0f} GB/s)   SDPA on the sliced "
+            f"cache {t_s:6.1f} us ({kv / t_s:5.0f} GB/s)")
+        del sets
+
+
+def _elementwise_table(rep):
+    rep("fused elementwise (fp16), CUDA graph: us, kernel vs torch eager ops")
+    for rows in [1, 2048]:
+        x = torch.randn(rows, 4096, device=DEV, dtype=torch.float16)
+        r = torch.randn_like(x)
+        w = torch.randn(4096, device=DEV, dtype=torch.float16)
+        g = torch.randn(rows, 2 * 11008, device=DEV, dtype=torch.float16)
+        h = torch.randn(rows, 10240, device=DEV, dtype=torch.float16)
+        hb = torch.randn(10240, device=DEV, dtype=torch.float16)
+        pairs = [
+            ("add+rmsnorm 4096", lambda: norms.add_norm(x, r, w, None, 1e-6, "rmsnorm"),
+             lambda: norms.add_norm_ref(x, r, w, None, 1e-6, "rmsnorm")),
+            ("silu_mul 11008", lambda: activations.silu_mul(g),
+             lambda: F.silu(g[:, :11008]) * g[:, 11008:]),
+            ("bias+gelu 10240", lambda: activations.bias_act(h, hb, "gelu_tanh"),
+             lambda: F.gelu(h + hb, approximate="tanh")),
+        ]
+        rep(f"  rows={rows}: " + "; ".join(
+            f"{name} {_graph_us([a]):.1f} vs {_graph_us([b]):.1f}" for name, a, b in pairs))
+    x = torch.randn(1, 1, 32, 128, device=DEV, dtype=torch.float16)
+    cos, sin = rotary.rotary_cache(4096, 128, device=DEV)
+    pos = torch.zeros(1, 1, device=DEV, dtype=torch.long)
+    rep(f"  rotary decode (1 token, 32 heads): "
+        f"{_graph_us([lambda: rotary.apply_rotary(x, cos, sin, pos)]):.1f} us")
+
+
+def test_timings():
+    rep = Report()
+    bw = _copy_bandwidth()
+    rep(f"HBM copy bandwidth (read + write): {bw:.0f} GB/s")
+    _decode_table(rep)
+    _prefill_table(rep)
+    _attention_table(rep)
+    _elementwise_table(rep)
+    try:
+        _tuned_choices(rep)
+    except Exception as e:     # Autotuner internals differ across Triton versions
+        rep(f"autotuned choices unavailable: {e!r}")
+    if os.environ.get("DSINFER_SWEEP"):
+        _sweep(rep)
+    rep.save()
+    assert math.isfinite(bw)

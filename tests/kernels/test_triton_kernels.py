@@ -1,0 +1,367 @@
+"""Every Triton kernel against its torch reference, under the interpreter (TRITON_INTERPRET=1).
+
+Tiny shapes (the interpreter runs programs one by one in numpy). fp32 and fp16 inputs: the
+interpreter has no bf16 (numpy lacks it), so bf16 is checked on the GPU (test_triton_gpu.py).
+Tolerances, as ||out - ref|| / ||ref||: fp32 1e-5, fp16 1e-2. Every output buffer is poisoned
+with NaN before the launch and must come back finite: each element was written.
+Inputs are fresh random draws each run; the seed is in every failure message.
+"""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dsinfer.kernels import (activations, attention, dequantize_ref,  # noqa: E402
+                             int8_gemm, norms, quantize_ref, rotary)
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+DTYPES = [torch.float32, torch.float16]
+
+
+# Triton decides between interpreter and compiler when a function is decorated, its own standard
+# library (tl.sum, tl.cdiv ...) included, so TRITON_INTERPRET=1 must be set before triton is
+# first imported. In a plain `pytest` run other modules import it first: there these tests skip
+# and test_interpreter_suite reruns this file in a fresh interpreter-mode process.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
+# tests that run in any process; every other test here needs the interpreter
+ANYWHERE = {"test_interpreter_suite", "test_cpu_without_interpreter_runs_the_references",
+            "test_import_and_run_without_triton"}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_only(request):
+    if not INTERPRET and request.function.__name__ not in ANYWHERE:
+        pytest.skip("needs TRITON_INTERPRET=1 from the start; test_interpreter_suite runs it so")
+
+
+def test_interpreter_suite():
+    if INTERPRET:
+        pytest.skip("already in interpreter mode")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__], capture_output=True, text=True, env=env, timeout=900,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+
+
+@pytest.fixture
+def gen():
+    seed = random.randrange(2 ** 31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def randn(g, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=g[0]).to(dtype)
+
+
+def poison(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def check(out, ref, dtype, seed, what=""):
+    assert torch.isfinite(out).all(), f"{what}: unwritten (NaN) or non-finite output, seed {seed}"
+    err = ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    assert err <= TOL[dtype], f"{what}: rel err {err:.2e} > {TOL[dtype]:.0e}, seed {seed}"
+
+
+# ----------------------------------------------------------------------------- int8 / gemv
+
+# (N, K, groups, group_size): per-row groups; one scale per K-tile (32 | group width);
+# per-channel; per-element gather (group width 16 < the interpreter's BLOCK_K 32);
+# ragged N and K (masks) with an odd group width
+GEOMETRIES = [(32, 64, 1, None), (32, 64, 4, 32), (32, 64, 32, None), (32, 64, 2, 16),
+              (24, 48, 3, 24)]
+# tiles other than the interpreter's defaults: _linear_kernel (BLOCK_M, BLOCK_N, BLOCK_K,
+# SWAP_AB, warps, stages), with the transposed product the GPU tables use, and _gemv_kernel
+# (BLOCK_N, BLOCK_K, warps, PREFETCH, REDUCE_K), one K-tile spanning two column groups
+# (per-element scales), one longer than K
+TILES = [(16, 16, 32, True, 1, 1), (32, 16, 16, False, 1, 1), (8, 64, 1, False, False),
+         (8, 64, 1, True, True), (4, 16, 1, True, False), (16, 16, 1, False, True),
+         (16, 128, 1, True, True)]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 5, 20])    # GEMV kernel (1, 3), tl.dot tiles (5, 20)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear(geometry, dtype, scale_dtype, m, bias, gen):
+    n, k, groups, gs = geometry
+    q, s = quantize_ref(randn(gen, n, k), groups, gs, scale_dtype)
+    x = randn(gen, m, k, dtype=dtype)
+    b = randn(gen, n, dtype=dtype) if bias else None
+    y = int8_gemm.int8_linear(x, q, s, b, out=poison((m, n), dtype))
+    check(y, int8_gemm.int8_linear_ref(x.double(), q, s, None if b is None else b.double()),
+          dtype, gen[1], f"int8_linear {geometry} {dtype} M={m}")
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_int8_linear_tiles(tile, dtype, rows, gen):
+    n, k = 48, 64
+    q, s = quantize_ref(randn(gen, n, k), 4, 32)
+    x = randn(gen, rows, 3, k, dtype=dtype)              # 3-D activations
+    y = int8_gemm.int8_linear(x, q, s, out=poison((rows, 3, n), dtype), config=tile)
+    check(y, int8_gemm.int8_linear_ref(x.double(), q, s), dtype, gen[1], f"tile {tile}")
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_prefill_dequant_path(geometry, dtype, bias, monkeypatch, gen):
+    """Large M: one dequant pass (_dequant_kernel) then a dense matmul."""
+    monkeypatch.setattr(int8_gemm, "PREFILL_DEQUANT_MIN_M", 8)
+    n, k, groups, gs = geometry
+    q, s = quantize_ref(randn(gen, n, k), groups, gs)
+    w = int8_gemm.dequantize(q, s, dtype)
+    check(w, dequantize_ref(q, s, torch.float64), dtype, gen[1], "dequantize")
+    x = randn(gen, 9, k, dtype=dtype)
+    b = randn(gen, n, dtype=dtype) if bias else None
+    y = int8_gemm.int8_linear(x, q, s, b, out=poison((9, n), dtype))
+    check(y, int8_gemm.int8_linear_ref(x.double(), q, s, None if b is None else b.double()),
+          dtype, gen[1], f"dequant path {geometry}")
+
+
+def test_int8_linear_strided_weight(gen):
+    """A Conv1D stores [K, N]: its transpose is a strided [N, K] view."""
+    q, s = quantize_ref(randn(gen, 32, 64), 2, 32)
+    q_view = q.t().contiguous().t()
+    x = randn(gen, 3, 64)
+    check(int8_gemm.int8_linear(x, q_view, s), int8_gemm.int8_linear_ref(x.double(), q, s),
+          torch.float32, gen[1], "strided q")
+
+
+def test_int8_linear_rejects_bad_geometry():
+    q = torch.zeros(32, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="does not tile"):
+        int8_gemm.int8_linear(torch.zeros(1, 64), q, torch.ones(3, 1))
+    with pytest.raises(ValueError, match="input features"):
+        int8_gemm.int8_linear(torch.zeros(1, 60), q, torch.ones(1, 1))
+    with pytest.raises(TypeError, match="int8"):
+        int8_gemm.int8_linear(torch.zeros(1, 64), q.float(), torch.ones(1, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv(dtype, m, bias, gen):
+    n, k = 40, 96
+    w, x = randn(gen, n, k, dtype=dtype), randn(gen, m, k, dtype=dtype)
+    b = randn(gen, n, dtype=dtype) if bias else None
+    y = int8_gemm.gemv(x, w, b, out=poison((m, n), dtype))
+    ref = int8_gemm.linear_ref(x.double(), w.double(), None if b is None else b.double())
+    check(y, ref, dtype, gen[1], f"gemv {dtype} M={m}")
+
+
+# ----------------------------------------------------------------------------- norms
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [None, "same", "fp32"])
+@pytest.mark.parametrize("affine", ["weight", "weight+bias", "none"])
+@pytest.mark.parametrize("hidden", [40, 64])
+def test_add_norm(norm, dtype, residual, affine, hidden, gen):
+    if norm == "rmsnorm" and affine == "weight+bias":
+        pytest.skip("RMSNorm has no bias")
+    shape = (2, 3, hidden)
+    x = randn(gen, *shape, dtype=dtype)
+    r = None if residual is None else randn(
+        gen, *shape, dtype=dtype if residual == "same" else torch.float32)
+    w = randn(gen, hidden, dtype=dtype) if affine != "none" else None
+    b = randn(gen, hidden, dtype=dtype) if affine == "weight+bias" else None
+    h_out = None if r is None else poison(shape, r.dtype)
+    y, h = norms.add_norm(x, r, w, b, 1e-5, norm, out=poison(shape, dtype), residual_out=h_out)
+    y_ref, h_ref = norms.add_norm_ref(x, r, w, b, 1e-5, norm)
+    check(y, y_ref, dtype, gen[1], f"{norm} out")
+    assert h.dtype == h_ref.dtype
+    check(h, h_ref, dtype, gen[1], f"{norm} residual")
+    if r is None:
+        assert h is x
+
+
+def test_add_norm_rejects():
+    with pytest.raises(ValueError, match="unknown norm"):
+        norms.add_norm(torch.zeros(2, 4), None, None, norm="batchnorm")
+    with pytest.raises(ValueError, match="weight"):
+        norms.add_norm(torch.zeros(2, 4), None, torch.ones(5))
+
+
+# ----------------------------------------------------------------------------- activations
+
+@pytest.mark.parametrize("act", activations.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_bias_act(act, dtype, bias, gen):
+    wide = randn(gen, 2, 3, 80, dtype=dtype) * 3
+    x = wide[..., :72]                                   # rows strided: a slice of a wider tensor
+    b = randn(gen, 72, dtype=dtype) if bias else None
+    y = activations.bias_act(x, b, act, out=poison(x.shape, dtype))
+    check(y, activations.bias_act_ref(x.double(), None if b is None else b.double(), act),
+          dtype, gen[1], f"bias_act {act}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_silu_mul(dtype, packed, gen):
+    a, b = randn(gen, 5, 48, dtype=dtype) * 3, randn(gen, 5, 48, dtype=dtype)
+    y = (activations.silu_mul(torch.cat([a, b], -1), out=poison(a.shape, dtype)) if packed
+         else activations.silu_mul(a, b, out=poison(a.shape, dtype)))
+    check(y, activations.silu_mul_ref(a.double(), b.double()), dtype, gen[1], "silu_mul")
+
+
+def test_gelu_matches_torch_gelu():
+    x = torch.linspace(-6, 6, 1001)
+    torch.testing.assert_close(activations.bias_act(x[None], act="gelu_tanh")[0],
+                               torch.nn.functional.gelu(x, approximate="tanh"))
+    torch.testing.assert_close(activations.bias_act(x[None], act="gelu")[0],
+                               torch.nn.functional.gelu(x))
+
+
+# ----------------------------------------------------------------------------- rotary
+
+@pytest.mark.parametrize("style", rotary.STYLES)
+@pytest.mark.parametrize("rotary_dim", [None, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "thd"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rotary(style, rotary_dim, dtype, layout, inplace, gen):
+    B, S, H, D = 2, 3, 5, 24
+    cos, sin = rotary.rotary_cache(64, rotary_dim or D)
+    if layout == "bhsd":                                 # HF [B, H, S, D], passed as a view
+        x = randn(gen, B, H, S, D, dtype=dtype).transpose(1, 2)
+    elif layout == "thd":
+        x = randn(gen, S, H, D, dtype=dtype)
+    else:
+        x = randn(gen, B, S, H, D, dtype=dtype)
+    pos = torch.randint(0, 64, x.shape[:-2], generator=gen[0])
+    ref = rotary.apply_rotary_ref(x.double(), cos.double(), sin.double(), pos, style, rotary_dim)
+    x_in = x.clone()
+    if not inplace:
+        x_in.copy_(torch.full_like(x, float("nan")))     # the kernel must not read its output
+        x_in = x
+    y = rotary.apply_rotary(x_in, cos, sin, pos, style, rotary_dim, inplace=inplace)
+    assert y.stride() == x.stride()
+    if inplace:
+        assert y.data_ptr() == x_in.data_ptr()
+    check(y, ref, dtype, gen[1], f"rotary {style} {rotary_dim} {layout}")
+
+
+def test_rotary_cache_matches_hf_angles():
+    cos, sin = rotary.rotary_cache(8, 4, base=100.0)
+    inv = 1.0 / 100.0 ** (torch.arange(0, 4, 2).float() / 4)
+    ang = torch.arange(8).float()[:, None] * inv
+    torch.testing.assert_close(cos, ang.cos())
+    torch.testing.assert_close(sin, ang.sin())
+
+
+# ----------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("sq", [1, 3])
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("window", [0, 7])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention(dtype, group, sq, alibi, window, splits, gen):
+    B, Hkv, max_len, D = 2, 2, 40, 24
+    k_cache = randn(gen, B, Hkv, max_len, D, dtype=dtype)
+    v_cache = randn(gen, B, Hkv, max_len, D, dtype=dtype)
+    q = randn(gen, B, Hkv * group, sq, D, dtype=dtype)
+    lengths = torch.tensor([random.randint(sq, 12), random.randint(24, max_len)], dtype=torch.int32)
+    slopes = torch.rand(Hkv * group, generator=gen[0]) if alibi else None
+    y = attention.decode_attention(q, k_cache, v_cache, lengths, None, slopes, window, splits,
+                                   out=poison(q.shape, dtype))
+    ref = attention.decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), lengths,
+                                         None, slopes, window)
+    check(y, ref, dtype, gen[1], f"decode G={group} SQ={sq} alibi={alibi} window={window}")
+
+
+def test_decode_attention_strided_and_unscaled(gen):
+    """q and out as [B, S, H, D] buffers viewed [B, H, S, D]; GPT-Neo's scale 1.0."""
+    B, H, S, D = 2, 4, 2, 16
+    k_cache, v_cache = randn(gen, B, 2, 20, D), randn(gen, B, 2, 20, D)
+    q = randn(gen, B, S, H, D).transpose(1, 2)
+    out = poison((B, S, H, D), torch.float32).transpose(1, 2)
+    lengths = torch.tensor([3, 20], dtype=torch.int32)
+    y = attention.decode_attention(q, k_cache, v_cache, lengths, scale=1.0, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    check(y, attention.decode_attention_ref(q, k_cache, v_cache, lengths, 1.0), torch.float32,
+          gen[1], "strided decode")
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("past", [0, 3])
+def test_prefill_attention_sdpa(alibi, window, past, gen):
+    B, Hq, Hkv, S, D = 2, 4, 2, 9, 16
+    q = randn(gen, B, Hq, S, D)
+    k, v = randn(gen, B, Hkv, S + past, D), randn(gen, B, Hkv, S + past, D)
+    slopes = torch.rand(Hq, generator=gen[0]) if alibi else None
+    y = attention.prefill_attention(q, k, v, None, slopes, window)
+    check(y, attention.prefill_attention_ref(q.double(), k.double(), v.double(), None, slopes,
+                                             window), torch.float32, gen[1], "prefill")
+
+
+def test_prefill_then_decode_agree(gen):
+    """The decode kernel at the last position equals prefill's last row (same maths)."""
+    B, H, S, D = 1, 2, 11, 16
+    q, k, v = randn(gen, B, H, S, D), randn(gen, B, H, S, D), randn(gen, B, H, S, D)
+    slopes = torch.tensor([0.5, 0.25])
+    full = attention.prefill_attention(q, k, v, None, slopes, 4)
+    k_cache, v_cache = torch.zeros(B, H, 16, D), torch.zeros(B, H, 16, D)
+    attention.write_kv(k_cache, v_cache, k, v, torch.zeros(B, dtype=torch.int32))
+    last = attention.decode_attention(q[:, :, -1:], k_cache, v_cache,
+                                      torch.tensor([S], dtype=torch.int32), None, slopes, 4)
+    check(last, full[:, :, -1:], torch.float32, gen[1], "prefill vs decode")
+
+
+def test_write_kv(gen):
+    k_cache, v_cache = torch.zeros(2, 2, 10, 4), torch.zeros(2, 2, 10, 4)
+    k, v = randn(gen, 2, 2, 3, 4), randn(gen, 2, 2, 3, 4)
+    attention.write_kv(k_cache, v_cache, k, v, torch.tensor([0, 6]))
+    assert torch.equal(k_cache[0, :, :3], k[0]) and torch.equal(v_cache[1, :, 6:9], v[1])
+    assert k_cache[0, :, 3:].abs().sum() == 0 and k_cache[1, :, :6].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- fallbacks
+
+def test_cpu_without_interpreter_runs_the_references(monkeypatch, gen):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, s = quantize_ref(randn(gen, 8, 16), 2)
+    x = randn(gen, 3, 16)
+    assert torch.equal(int8_gemm.int8_linear(x, q, s), int8_gemm.int8_linear_ref(x, q, s))
+    y, h = norms.add_norm(x, x, torch.ones(16), norm="rmsnorm")
+    y_ref, h_ref = norms.add_norm_ref(x, x, torch.ones(16), norm="rmsnorm")
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+
+
+NO_TRITON = """
+import sys
+sys.modules["triton"] = None          # import triton -> ImportError, as on macOS / Windows
+import torch
+import dsinfer.kernels as K
+from dsinfer.kernels import int8_gemm
+assert not int8_gemm.HAS_TRITON
+q, s = K.quantize_ref(torch.randn(8, 16), 2)
+x = torch.randn(2, 16)
+assert torch.equal(K.int8_linear(x, q, s), K.int8_linear_ref(x, q, s))
+K.gemv(x, torch.randn(8, 16)); K.add_norm(x, x, torch.ones(16)); K.bias_act(x); K.silu_mul(x)
+c, sn = K.rotary_cache(4, 16)
+K.apply_rotary(torch.randn(1, 2, 1, 16), c, sn, torch.zeros(1, 2, dtype=torch.long))
+K.decode_attention(torch.randn(1, 2, 1, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16),
+                   torch.tensor([3]))
+print("ok")
+"""
+
+
+def test_import_and_run_without_triton():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
