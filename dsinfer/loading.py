@@ -89,6 +89,12 @@ def open_rank_source(path, spec, tp: int, rank: int, quantization=None, device=N
         raise CheckpointError(f"checkpoint {path}: no such file or directory")
     if verify:
         verify_files(path, tp, rank, quantization)
+    if dsinfer_format.sniff(path) and quantization is not None:
+        _, manifest = dsinfer_format.load_manifest(path)
+        if manifest.get("quantization"):   # already int8: use its groups, keep the fast path
+            warn("dsinfer: %s is already int8 (%s); ignoring quantization_setting / dtype=int8",
+                 path, manifest["quantization"].get("groups"))
+            quantization = None
     if dsinfer_format.sniff(path) and quantization is None:
         _, manifest = dsinfer_format.load_manifest(path)
         if manifest["tp_size"] == tp:

@@ -31,6 +31,8 @@ FORMAT = "dsinfer"
 FORMAT_VERSION = 1
 MANIFEST = "dsinfer.json"
 MAX_PART_BYTES = 4 * 1024 ** 3
+# How a tensor is laid out across ranks (the runtime picks its TP module from this).
+STYLES = ("colwise", "packed_colwise", "rowwise", "rowwise_bias", "vocab", "replicate", "scale")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -155,8 +157,8 @@ def _tensor_problem(info) -> Optional[str]:
     part = info.get("part", 0)
     if not _is_int(part) or not 0 <= part < 1000:
         return f"part {_short(part)} is not a part number"
-    if not isinstance(info.get("style", ""), str):
-        return f"style {_short(info.get('style'))} is not a name"
+    if info.get("style", "replicate") not in STYLES:
+        return f"style {_short(info.get('style'))} is not one of {', '.join(STYLES)}"
     return None
 
 
