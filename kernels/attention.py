@@ -21,29 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is Linux-only: without it the kernels stay plain functions and wrappers run the refs
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised by a subprocess test
-    HAS_TRITON = False
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or _interpreting())
+from ._triton import HAS_TRITON, tl, triton  # noqa: F401
+from ._triton import interpreting as _interpreting  # noqa: F401
+from ._triton import use_triton as _use_triton
 
 
 LOG2E = 1.4426950408889634

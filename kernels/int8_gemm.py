@@ -27,8 +27,6 @@ TRITON_INTERPRET=1 one fixed small config runs and nothing is tuned.
 from __future__ import annotations
 
 import functools
-import os
-import types
 from typing import Optional
 
 import torch
@@ -36,22 +34,9 @@ import torch.nn.functional as F
 
 from .quant_ref import dequantize_ref
 
-try:  # Triton is Linux-only: without it the kernels stay plain functions and wrappers run the refs
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised by a subprocess test
-    HAS_TRITON = False
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or _interpreting())
+from ._triton import HAS_TRITON, tl, triton  # noqa: F401
+from ._triton import interpreting as _interpreting  # noqa: F401
+from ._triton import use_triton as _use_triton
 
 
 # ----------------------------------------------------------------------------- kernel

@@ -12,25 +12,13 @@ head_dim]; positions [batch, seq] (or [tokens]) index the cos/sin tables [max_po
 """
 from __future__ import annotations
 
-import os
-import types
 from typing import Optional, Tuple
 
 import torch
 
-try:  # Triton is Linux-only: without it the kernels stay plain functions and wrappers run the refs
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised by a subprocess test
-    HAS_TRITON = False
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    interpret = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
-    return HAS_TRITON and (t.is_cuda or interpret)
+from ._triton import HAS_TRITON, tl, triton  # noqa: F401
+from ._triton import interpreting as _interpreting  # noqa: F401
+from ._triton import use_triton as _use_triton
 
 
 STYLES = ("neox", "gptj")
