@@ -26,8 +26,23 @@ def temporaries(out: Path) -> list:
     return sorted(out.parent.glob(f".{out.name}{atomic.TMP_TAG}*"))
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:
+        return 0
+
+
 def written_bytes(out: Path) -> int:
-    return sum(p.stat().st_size for t in temporaries(out) for p in t.rglob("*") if p.is_file())
+    """Bytes in the temporary folders; the run renames them away at any moment, so a folder
+    or file that vanishes mid-listing counts as 0 (the next poll sees the final state)."""
+    total = 0
+    for t in temporaries(out):
+        try:
+            total += sum(_size(p) for p in t.rglob("*"))
+        except FileNotFoundError:
+            pass
+    return total
 
 
 # kill point -> condition on the output's parent folder, polled every few ms
