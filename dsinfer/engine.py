@@ -165,9 +165,6 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
         valid = [p for p in inspect.signature(init_inference).parameters if p not in ("model", "kwargs")]
         raise CheckpointError(f"init_inference: unknown option(s) {sorted(kwargs)}; valid: "
                               f"{', '.join(valid)}")
-    if replace_with_kernel_inject or enable_cuda_graph:
-        warn("dsinfer: fused-kernel injection and CUDA graphs are not available in this "
-                    "version; running the tensor-parallel torch modules")
     qc = _quant_config(quantization_setting)
     out_dtype = DTYPE_ARGS.get(str(dtype).replace("torch.", "")) if dtype is not None else None
     if out_dtype is torch.int8:
@@ -187,6 +184,9 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
         source = from_state_dict(state, model.config.to_dict(), spec, tp.size, tp.rank) if qc is None \
             else _quantized_state_source(state, model, spec, tp, qc)
     load_into(model, spec, source, tp, device, out_dtype)
+    if replace_with_kernel_inject or enable_cuda_graph:
+        from dsinfer.inject import inject
+        inject(model, spec, tp, device, int(max_out_tokens), bool(enable_cuda_graph))
     _same_rng_on_all_ranks(tp, device)
     return InferenceEngine(model, tp, device)
 

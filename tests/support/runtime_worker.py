@@ -1,7 +1,8 @@
 """Runs under the launcher (one process per rank): loads pre-sharded checkpoints into
 meta-device models with dsinfer.init_inference and compares with plain HF.
 
-usage: runtime_worker.py WORKDIR OUT_JSON CASE...    CASE = arch:checkpoint_subdir[:int8]
+usage: runtime_worker.py WORKDIR OUT_JSON CASE...
+    CASE = arch:checkpoint_subdir[:flag...]   flags: int8 bf16 batch inject (fused blocks)
 Every rank writes OUT_JSON.rank{r}; the test reads them. Files opened by this process are
 recorded with an audit hook, so the test can check rank r never opened another rank's files."""
 import json
@@ -41,7 +42,8 @@ def run_case(workdir: Path, case: str) -> dict:
     if dtype is not None:
         ref = ref.to(dtype)
     engine = dsinfer.init_inference(meta, tensor_parallel={"tp_size": world},
-                                    checkpoint=str(checkpoint), dtype=dtype)
+                                    checkpoint=str(checkpoint), dtype=dtype,
+                                    replace_with_kernel_inject="inject" in flags)
     ref = ref.to(engine.device)   # on a GPU machine: cuda:LOCAL_RANK, else the CPU
     x = {k: v.to(engine.device) for k, v in x.items()}
     with torch.no_grad():
@@ -60,7 +62,8 @@ def run_case(workdir: Path, case: str) -> dict:
                       do_sample=False, pad_token_id=0)
             same = same and torch.equal(ref.generate(x["input_ids"], **kw),
                                         engine.module.generate(x["input_ids"], **kw))
-    return {"rel_err": rel, "generate_same": same,
+    injected = any(type(m).__name__ == "BlockModule" for m in engine.module.modules())
+    return {"rel_err": rel, "generate_same": same, "injected": injected,
             "rank_files": sorted({p for p in OPENED if "/rank-" in p})}
 
 

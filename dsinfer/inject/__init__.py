@@ -1,0 +1,82 @@
+"""Kernel injection: replace an HF model's blocks by fused blocks (one per family, configured
+by the architecture's adapter) and its body's forward by the fused decoder over a static KV
+cache; optionally replay decode steps from CUDA graphs.
+
+    inject(model, spec, tp, device, max_out_tokens, cuda_graph) -> bool
+
+Returns False (and warns once) where the family or a config variant has no fused blocks; the
+model then keeps its tensor-parallel torch modules, which are always correct. On a machine
+without a GPU the same blocks run the kernels' torch references.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsinfer.inject.archs import adapter_for
+from dsinfer.inject.archs.base import Unsupported
+from dsinfer.inject.block import FusedBlock
+from dsinfer.inject.decoder import FusedDecoder
+from dsinfer.log import info, warn
+from dsinfer.tp import TPGroup
+
+__all__ = ["inject", "FusedDecoder"]
+
+
+class BlockModule(torch.nn.Module):
+    """Holds a FusedBlock's tensors as buffers (so the model's memory, .device and
+    state_dict see them) in place of the HF block it replaced."""
+
+    def __init__(self, block: FusedBlock):
+        super().__init__()
+        self.block = block
+        for part in ("qkv", "o", "up", "down"):
+            for i, t in enumerate(getattr(block.w, part).tensors()):
+                self.register_buffer(f"{part}_{i}", t, persistent=False)
+        for part in ("norm1", "norm2"):
+            for i, t in enumerate(getattr(block.w, part)):
+                if t is not None:
+                    self.register_buffer(f"{part}_{i}", t, persistent=False)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a fused block runs inside its decoder, not on its own")
+
+    def extra_repr(self) -> str:
+        c = self.block.cfg
+        return (f"heads={c.heads}, kv_heads={c.kv_heads}, head_dim={c.head_dim}, norm={c.norm}, "
+                f"act={c.act}, rotary={c.rotary}, alibi={c.alibi}, parallel={c.parallel!r}, "
+                f"int8={self.block.w.qkv.scale is not None}")
+
+
+def _float_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def inject(model: torch.nn.Module, spec, tp: TPGroup, device: torch.device,
+           max_out_tokens: int = 1024, cuda_graph: bool = False) -> bool:
+    adapter = adapter_for(spec.name)
+    if adapter is None:
+        warn(f"dsinfer: no fused blocks for {spec.name}; running the tensor-parallel torch modules")
+        return False
+    body = model.get_submodule(adapter.body)
+    try:
+        adapter.check(model.config)
+        layers = adapter.layers(body)
+        blocks = [FusedBlock(adapter.block_config(model.config, tp, i),
+                             adapter.block_weights(layer), tp, i)
+                  for i, layer in enumerate(layers)]
+    except Unsupported as e:
+        warn(f"dsinfer: fused blocks do not cover this {spec.name} model ({e}); running the "
+             "tensor-parallel torch modules")
+        return False
+    for i, block in enumerate(blocks):
+        layers[i] = BlockModule(block)        # drops the HF block and its unfused weights
+    decoder = FusedDecoder(adapter, body, blocks, tp, max_out_tokens, _float_dtype(model), device)
+    body.forward = decoder.forward
+    body.dsinfer_decoder = decoder
+    if cuda_graph:
+        if device.type == "cuda":
+            from dsinfer.inject.graphs import DecodeGraphs
+            decoder.graphs = DecodeGraphs(decoder)
+        else:
+            info("dsinfer: enable_cuda_graph needs a GPU; running without graphs")
+    return True

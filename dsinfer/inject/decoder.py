@@ -1,0 +1,161 @@
+"""The fused decoder: replaces the forward of an HF model's body (LlamaModel, GPT2Model, ...)
+with embeddings -> FusedBlocks -> final norm over a static KV cache. The HF wrapper around the
+body (LM head, generate, pipelines) is unchanged: it receives BaseModelOutputWithPast as before.
+
+A call is one of:
+    prefill   no cache passed in (or HF's own, empty)  -> a new sequence from position 0
+    continue  the StepCache this decoder returned last -> tokens at positions length .. length+S-1
+Decode steps of one token over an unpadded batch replay a CUDA graph when enabled (graphs.py).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Output
+
+from dsinfer import kernels
+from dsinfer.formats import CheckpointError
+from dsinfer.inject.block import FusedBlock, Step
+from dsinfer.inject.cache import KVBuffers, StepCache
+from dsinfer.tp import TPGroup
+
+_FIELDS = Output.__dataclass_fields__   # a superset of BaseModelOutputWithPast
+CACHE_FIELD = "cache" if "cache" in _FIELDS else "past_key_values"   # transformers >= 5.2x
+
+
+class FusedDecoder:
+    def __init__(self, adapter, body: torch.nn.Module, blocks: List[FusedBlock], tp: TPGroup,
+                 max_out_tokens: int, dtype: torch.dtype, device: torch.device):
+        self.adapter, self.body, self.blocks, self.tp = adapter, body, blocks, tp
+        self.max_out_tokens, self.dtype, self.device = max_out_tokens, dtype, device
+        cfg = blocks[0].cfg
+        self.kv_shape = (len(blocks), cfg.kv_heads, cfg.head_dim)
+        self.buffers: Optional[KVBuffers] = None
+        self.epoch = 0
+        self.cos = self.sin = None
+        self.rotary = adapter.rotary_inv_freq(body)          # (inv_freq, scaling) or None
+        self.alibi = adapter.alibi_slopes(tp)                 # [Hq local] or None
+        if self.alibi is not None:
+            self.alibi = self.alibi.to(device)
+        self.final_norm = adapter.final_norm(body)            # (w, b) or None
+        self.graphs = None                                    # graphs.DecodeGraphs when enabled
+
+    # ------------------------------------------------------------------ tables and buffers
+    def _rotary_tables(self, n: int) -> None:
+        """cos/sin [n', rotary_dim / 2] fp32, computed as HF does (fp32 angles)."""
+        if self.rotary is None or (self.cos is not None and self.cos.shape[0] >= n):
+            return
+        inv_freq, scaling = self.rotary
+        n = max(n, self.max_out_tokens, 2 * (0 if self.cos is None else self.cos.shape[0]))
+        pos = torch.arange(n, device=self.device, dtype=torch.float32)
+        angles = pos[:, None] * inv_freq.to(self.device, torch.float32)[None, :]
+        self.cos, self.sin = angles.cos() * scaling, angles.sin() * scaling
+
+    def _kv(self, batch: int, length: int) -> KVBuffers:
+        b = self.buffers
+        if b is not None and b.fits(batch, length, self.dtype, self.device):
+            return b
+        if b is not None and b.batch == batch and b.k.dtype == self.dtype:
+            self.buffers = b.grown(length)                    # a long generation: keep going
+        else:
+            self.buffers = None                               # free before allocating anew
+            layers, heads, dim = self.kv_shape
+            self.buffers = KVBuffers(layers, batch, heads, max(length, self.max_out_tokens),
+                                     dim, self.dtype, self.device)
+        if self.graphs is not None:
+            self.graphs.reset()
+        return self.buffers
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                inputs_embeds=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        if output_attentions or output_hidden_states:
+            raise CheckpointError("output_attentions / output_hidden_states are not available "
+                                  "with kernel injection; use replace_with_kernel_inject=False")
+        cache = self._incoming_cache(kwargs)
+        B, S = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        start = cache.length if cache is not None else 0
+        if use_cache is None:
+            use_cache = getattr(self.body.config, "use_cache", True)
+        if cache is None and use_cache:
+            self.epoch += 1
+            cache = StepCache(self, self.epoch, len(self.blocks))
+        key_mask = self._key_mask(attention_mask, cache, start, S)
+        if position_ids is None:
+            position_ids = self.adapter.positions(attention_mask, start, S, B, self.device)
+        self._rotary_tables(start + S)
+        if self.graphs is not None and self.graphs.can_replay(cache, S, key_mask):
+            h = self.graphs.replay(self, input_ids, position_ids, cache)
+        else:
+            h = self.run(input_ids, inputs_embeds, position_ids, attention_mask, cache, start,
+                         key_mask, **kwargs)
+        if cache is not None:
+            cache.length, cache.key_mask = start + S, key_mask
+        return Output(**{"last_hidden_state": h, CACHE_FIELD: cache})
+
+    def run(self, input_ids, inputs_embeds, positions, attention_mask, cache, start, key_mask,
+            **kwargs) -> torch.Tensor:
+        """The maths of one forward (also what a CUDA graph captures)."""
+        B, S = positions.shape
+        step = self.step(positions, cache, start, S, key_mask)
+        h = self.adapter.embed(self.body, input_ids, inputs_embeds, positions,
+                               attention_mask=attention_mask, **kwargs)
+        pending = None
+        for block in self.blocks:
+            h, pending = block(h, pending, step)
+        if self.final_norm is not None:
+            return kernels.add_norm(h if pending is None else pending,
+                                    None if pending is None else h, *self.final_norm,
+                                    self.blocks[0].cfg.eps, self.blocks[0].cfg.norm)[0]
+        return h if pending is None else h + pending
+
+    def step(self, positions, cache, start: int, S: int, key_mask, starts=None, lengths=None
+             ) -> Step:
+        B = positions.shape[0]
+        if cache is None:
+            ck = cv = None
+        else:
+            buf = self._kv(B, start + S)
+            ck, cv = buf.k, buf.v
+            if starts is None:
+                starts = torch.full((B,), start, dtype=torch.int32, device=self.device)
+                lengths = starts + S
+        return Step(positions.to(self.device).long(), start, ck, cv, starts, lengths, key_mask,
+                    self.cos, self.sin, self.alibi)
+
+    # ------------------------------------------------------------------ helpers
+    def _incoming_cache(self, kwargs) -> Optional[StepCache]:
+        cache = None
+        for key in ("cache", "past_key_values"):
+            value = kwargs.pop(key, None)
+            cache = value if value is not None else cache
+        kwargs.pop("cache_position", None)
+        if cache is None or (isinstance(cache, StepCache) and cache.owner is self):
+            if cache is not None:
+                cache.check_live()
+            return cache
+        if hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:
+            return None                  # generate's fresh (empty) DynamicCache: start anew
+        raise CheckpointError(
+            f"past_key_values of type {type(cache).__name__} cannot continue a fused-kernel "
+            "model; pass the cache this model returned (or none)")
+
+    @staticmethod
+    def _key_mask(attention_mask, cache: Optional[StepCache], start: int, S: int):
+        """[B, start + S] bool over stored + new positions, or None when nothing is padded.
+        Decode steps reuse the prefill's verdict (generate appends ones), so an unpadded
+        batch never syncs with the host to look at its mask."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            raise CheckpointError("kernel injection takes a 2-D attention_mask [batch, length]")
+        if start and (cache is None or cache.key_mask is None):
+            return None
+        mask = attention_mask[:, -(start + S):].bool()
+        if mask.shape[1] < start + S:          # a mask that covers only the newest tokens
+            mask = torch.cat([cache.key_mask[:, :start + S - mask.shape[1]], mask], dim=1)
+        if start == 0 and bool(mask.all()):
+            return None
+        return mask
