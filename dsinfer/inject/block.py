@@ -60,6 +60,7 @@ class Step:
     starts: Optional[torch.Tensor]     # [B] int32 == start (device side, graph-safe)
     lengths: Optional[torch.Tensor]    # [B] int32 == start + S
     key_mask: Optional[torch.Tensor]   # [B, start + S] bool, False = padding; None = no padding
+    slots: Optional[torch.Tensor] = None  # [S] int64 cache indices of the new tokens
     cos: Optional[torch.Tensor] = None  # [max_pos, rotary_dim / 2] fp32
     sin: Optional[torch.Tensor] = None
     alibi: Optional[torch.Tensor] = None  # [Hq local] fp32 slopes
@@ -88,7 +89,13 @@ class FusedBlock:
             q = q.view(B, S, c.heads, c.head_dim)
             k = k.view(B, S, c.kv_heads, c.head_dim)
             v = v.view(B, S, c.kv_heads, c.head_dim)
-        if c.rotary:
+        if c.rotary and c.qkv_layout == "packed":
+            # q and k are neighbours in qkv's rows: one in-place launch over [B, S, Hq+Hkv, D]
+            qk = qkv[..., :(c.heads + c.kv_heads) * c.head_dim].view(
+                B, S, c.heads + c.kv_heads, c.head_dim)
+            kernels.apply_rotary(qk, step.cos, step.sin, step.positions, c.rotary,
+                                 c.rotary_dim, inplace=True)
+        elif c.rotary:
             q = kernels.apply_rotary(q, step.cos, step.sin, step.positions, c.rotary, c.rotary_dim)
             k = kernels.apply_rotary(k, step.cos, step.sin, step.positions, c.rotary, c.rotary_dim)
         return q, k, v
@@ -103,7 +110,8 @@ class FusedBlock:
             o = self._attend(q, k, v, step)
         else:
             kc, vc = step.cache_k[self.index], step.cache_v[self.index]
-            kernels.write_kv(kc, vc, k, v, step.starts)
+            kc.index_copy_(2, step.slots, k)               # rows share one start: one copy
+            vc.index_copy_(2, step.slots, v)
             if step.start == 0:
                 o = self._attend(q, k, v, step)
             elif step.key_mask is None:

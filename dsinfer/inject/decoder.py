@@ -86,8 +86,8 @@ class FusedDecoder:
         if position_ids is None:
             position_ids = self.adapter.positions(attention_mask, start, S, B, self.device)
         self._rotary_tables(start + S)
-        if self.graphs is not None and self.graphs.can_replay(cache, S, key_mask):
-            h = self.graphs.replay(self, input_ids, position_ids, cache)
+        if self.graphs is not None and self.graphs.can_replay(cache, input_ids, S, key_mask):
+            h = self.graphs.replay(input_ids, position_ids, cache, start)
         else:
             h = self.run(input_ids, inputs_embeds, position_ids, attention_mask, cache, start,
                          key_mask, **kwargs)
@@ -96,10 +96,11 @@ class FusedDecoder:
         return Output(**{"last_hidden_state": h, CACHE_FIELD: cache})
 
     def run(self, input_ids, inputs_embeds, positions, attention_mask, cache, start, key_mask,
-            **kwargs) -> torch.Tensor:
-        """The maths of one forward (also what a CUDA graph captures)."""
+            starts=None, lengths=None, **kwargs) -> torch.Tensor:
+        """The maths of one forward (also what a CUDA graph captures: then `starts` and
+        `lengths` are the graph's static [B] tensors and `start` only says "not a prefill")."""
         B, S = positions.shape
-        step = self.step(positions, cache, start, S, key_mask)
+        step = self.step(positions, cache, start, S, key_mask, starts, lengths)
         h = self.adapter.embed(self.body, input_ids, inputs_embeds, positions,
                                attention_mask=attention_mask, **kwargs)
         pending = None
@@ -122,8 +123,10 @@ class FusedDecoder:
             if starts is None:
                 starts = torch.full((B,), start, dtype=torch.int32, device=self.device)
                 lengths = starts + S
+        slots = None if starts is None else \
+            starts[:1].long() + torch.arange(S, device=self.device)
         return Step(positions.to(self.device).long(), start, ck, cv, starts, lengths, key_mask,
-                    self.cos, self.sin, self.alibi)
+                    slots, self.cos, self.sin, self.alibi)
 
     # ------------------------------------------------------------------ helpers
     def _incoming_cache(self, kwargs) -> Optional[StepCache]:

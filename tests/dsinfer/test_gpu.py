@@ -25,7 +25,9 @@ def test_nccl_tp2_equals_hf(tmp_path):
     quantize(tmp_path / "llama" / "hf", tmp_path / "llama" / "int8tp2",
              QuantConfig(groups="per-channel"), tp=2, progress=False)
     cases = ["llama:tp2", "gpt2:tp2:batch", "bloom:tp2:batch", "gpt_neox:tp2", "opt:tp2",
-             "llama:int8tp2:int8"]
+             "llama:int8tp2:int8", "llama:tp2:inject:graph", "gpt2:tp2:batch:inject:graph",
+             "bloom:tp2:inject:graph", "gpt_neox:tp2:inject", "opt:tp2:inject:graph",
+             "llama:int8tp2:int8:inject:graph"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "dsinfer", "--num_gpus", "2", "--no_local_rank",
                         str(SUPPORT / "runtime_worker.py"), str(tmp_path), str(tmp_path / "o"),
@@ -34,5 +36,6 @@ def test_nccl_tp2_equals_hf(tmp_path):
     for rank in range(2):
         res = json.loads(Path(f"{tmp_path / 'o'}.rank{rank}").read_text())
         for case, v in res.items():
-            limit = 2e-2 if case.endswith("int8") else 1e-3   # TF32 / reduction order on GPU
+            limit = 2e-2 if ":int8" in case else 1e-3   # TF32 / reduction order on GPU
+            assert v["injected"] == (":inject" in case), (rank, case)
             assert v["rel_err"] <= limit and v["generate_same"], (rank, case, v)

@@ -2,7 +2,7 @@
 meta-device models with dsinfer.init_inference and compares with plain HF.
 
 usage: runtime_worker.py WORKDIR OUT_JSON CASE...
-    CASE = arch:checkpoint_subdir[:flag...]   flags: int8 bf16 batch inject (fused blocks)
+    CASE = arch:checkpoint_subdir[:flag...]   flags: int8 bf16 batch inject (fused blocks) graph (CUDA graphs)
 Every rank writes OUT_JSON.rank{r}; the test reads them. Files opened by this process are
 recorded with an audit hook, so the test can check rank r never opened another rank's files."""
 import json
@@ -43,7 +43,8 @@ def run_case(workdir: Path, case: str) -> dict:
         ref = ref.to(dtype)
     engine = dsinfer.init_inference(meta, tensor_parallel={"tp_size": world},
                                     checkpoint=str(checkpoint), dtype=dtype,
-                                    replace_with_kernel_inject="inject" in flags)
+                                    replace_with_kernel_inject="inject" in flags,
+                                    enable_cuda_graph="graph" in flags)
     ref = ref.to(engine.device)   # on a GPU machine: cuda:LOCAL_RANK, else the CPU
     x = {k: v.to(engine.device) for k, v in x.items()}
     with torch.no_grad():

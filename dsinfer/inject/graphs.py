@@ -1,0 +1,95 @@
+"""CUDA-graph decode: one graph per batch size captures a whole one-token decoder step
+(embeddings, every fused block with its all-reduces, final norm) over the static KV cache.
+A replay copies the new token ids and positions into the graph's input buffers, sets the
+[B] start/length tensors (no host sync), and replays; the Python per-kernel launch cost of
+~15 kernels per block disappears.
+
+What a graph bakes in: the KV buffers, the rotary tables and the batch size. Growing either
+buffer (decoder._kv, decoder._rotary_tables) drops the graphs; they are captured again on the
+next step. Padded batches (a key mask) and multi-token steps run eagerly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict
+
+import torch
+
+
+@dataclasses.dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor        # [B, 1] int64
+    positions: torch.Tensor  # [B, 1] int64
+    starts: torch.Tensor     # [B] int32: cache index of the new token
+    lengths: torch.Tensor    # [B] int32: starts + 1
+    out: torch.Tensor        # [B, 1, hidden]
+
+
+class DecodeGraphs:
+    WARMUP = 2               # eager runs before capture: Triton compiles and autotunes there
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.graphs: Dict[int, _Graph] = {}
+        self.pool = None
+        self.tables = None   # the rotary tables the graphs were captured with
+
+    def reset(self) -> None:
+        self.graphs.clear()
+
+    def can_replay(self, cache, input_ids, S: int, key_mask) -> bool:
+        return (cache is not None and cache.length > 0 and S == 1 and key_mask is None
+                and input_ids is not None)
+
+    def replay(self, input_ids, positions, cache, start: int) -> torch.Tensor:
+        dec = self.decoder
+        if self.tables is not dec.cos:          # the tables grew: captured pointers are stale
+            self.reset()
+        B = input_ids.shape[0]
+        g = self.graphs.get(B)
+        if g is None or dec.buffers is None or dec.buffers.max_len <= start:
+            dec._kv(B, start + 1)               # may grow (and reset) before capturing
+            g = self.graphs.get(B) or self._capture(B, start)
+        g.ids.copy_(input_ids, non_blocking=True)
+        g.positions.copy_(positions, non_blocking=True)
+        g.starts.fill_(start)
+        g.lengths.fill_(start + 1)
+        g.graph.replay()
+        return g.out.clone()                    # the next replay overwrites g.out
+
+    def _capture(self, B: int, start: int) -> _Graph:
+        dec = self.decoder
+        device = dec.device
+        ids = torch.zeros((B, 1), dtype=torch.long, device=device)
+        pos = torch.full((B, 1), start, dtype=torch.long, device=device)
+        starts = torch.full((B,), start, dtype=torch.int32, device=device)
+        lengths = starts + 1
+        cache = _Live(start)
+
+        def step():
+            # writes K/V at index `start`, which the real step overwrites right after
+            return dec.run(ids, None, pos, None, cache, max(start, 1), None, starts, lengths)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step()
+        self.tables = dec.cos
+        g = _Graph(graph, ids, pos, starts, lengths, out)
+        self.graphs[B] = g
+        return g
+
+
+class _Live:
+    """Stands for the StepCache during capture: the decoder only checks it is not None."""
+
+    def __init__(self, length: int):
+        self.length = length
