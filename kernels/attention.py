@@ -150,6 +150,9 @@ def _combine_kernel(
              o.to(o_ptr.dtype.element_ty), mask=d_mask)
 
 
+MIN_TRITON_HEAD_DIM = 16   # tl.dot needs K >= 16; smaller heads (toy models) use the reference
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -203,7 +206,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = torch.empty((B, Hq, SQ, D), dtype=q.dtype, device=q.device)
     elif tuple(out.shape) != (B, Hq, SQ, D) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"decode_attention: out must be {q.dtype} [{B}, {Hq}, {SQ}, {D}]")
-    if not _use_triton(q):
+    if not _use_triton(q) or D < MIN_TRITON_HEAD_DIM:
         return out.copy_(decode_attention_ref(q, k_cache, v_cache, lengths, scale,
                                               alibi_slopes, window))
     G = Hq // Hkv
@@ -303,14 +306,22 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          lengths: torch.Tensor, scale: Optional[float] = None,
                          alibi_slopes: Optional[torch.Tensor] = None, window: int = 0
                          ) -> torch.Tensor:
-    SQ, D = q.shape[2], q.shape[3]
+    """attention_ref's maths over the whole cache, keys at or past lengths[b] masked: no host
+    sync, so it can also run inside a CUDA graph."""
+    B, Hq, SQ, D = q.shape
+    L = k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    outs = []
-    for b, L in enumerate(lengths.tolist()):
-        q_pos = torch.arange(L - SQ, L, device=q.device)
-        outs.append(attention_ref(q[b], k_cache[b, :, :L], v_cache[b, :, :L], q_pos, scale,
-                                  alibi_slopes, window))
-    return torch.stack(outs)
+    k, v = _expand_kv(k_cache.float(), Hq), _expand_kv(v_cache.float(), Hq)
+    s = scale * q.float() @ k.transpose(-1, -2)                          # [B, Hq, SQ, L]
+    q_pos = lengths.long()[:, None] - SQ + torch.arange(SQ, device=q.device)   # [B, SQ]
+    rel = torch.arange(L, device=q.device)[None, None, :] - q_pos[:, :, None]  # [B, SQ, L]
+    visible = rel <= 0
+    if window:
+        visible &= rel > -window
+    s = s.masked_fill(~visible[:, None], float("-inf"))
+    if alibi_slopes is not None:
+        s = s + alibi_slopes.float().to(q.device)[None, :, None, None] * rel[:, None].float()
+    return (torch.softmax(s, dim=-1) @ v).to(q.dtype)
 
 
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

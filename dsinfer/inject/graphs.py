@@ -15,6 +15,8 @@ from typing import Dict
 
 import torch
 
+from dsinfer.log import warn
+
 
 @dataclasses.dataclass
 class _Graph:
@@ -36,7 +38,10 @@ class DecodeGraphs:
         self.tables = None   # the rotary tables the graphs were captured with
 
     def reset(self) -> None:
+        # Dropping the graphs frees their memory pool: a later capture must not name it
+        # (torch asserts on a pool whose graphs are gone), so the next one starts a new pool.
         self.graphs.clear()
+        self.pool = None
 
     def can_replay(self, cache, input_ids, S: int, key_mask) -> bool:
         return (cache is not None and cache.length > 0 and S == 1 and key_mask is None
@@ -50,13 +55,25 @@ class DecodeGraphs:
         g = self.graphs.get(B)
         if g is None or dec.buffers is None or dec.buffers.max_len <= start:
             dec._kv(B, start + 1)               # may grow (and reset) before capturing
-            g = self.graphs.get(B) or self._capture(B, start)
+            g = self.graphs.get(B) or self._capture_or_none(B, start)
+        if g is None:                           # capture failed: this step runs eagerly
+            return dec.run(input_ids, None, positions, None, cache, start, None)
         g.ids.copy_(input_ids, non_blocking=True)
         g.positions.copy_(positions, non_blocking=True)
         g.starts.fill_(start)
         g.lengths.fill_(start + 1)
         g.graph.replay()
         return g.out.clone()                    # the next replay overwrites g.out
+
+    def _capture_or_none(self, B: int, start: int):
+        try:
+            return self._capture(B, start)
+        except RuntimeError as e:   # a driver/allocator refusal must not stop generation
+            warn(f"dsinfer: CUDA-graph capture failed ({str(e).splitlines()[0][:160]}); "
+                 "decoding without graphs")
+            self.decoder.graphs = None
+            self.reset()
+            return None
 
     def _capture(self, B: int, start: int) -> _Graph:
         dec = self.decoder
@@ -78,10 +95,10 @@ class DecodeGraphs:
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool):   # later graphs share the first's pool
             out = step()
+        if self.pool is None:
+            self.pool = graph.pool()
         self.tables = dec.cos
         g = _Graph(graph, ids, pos, starts, lengths, out)
         self.graphs[B] = g
