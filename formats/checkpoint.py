@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:  # torch is imported lazily (the byte-copy fast path never needs it)
+    import torch
 
 
 @dataclasses.dataclass
@@ -67,8 +68,8 @@ class Checkpoint:
         return {t.name: t for t in self.tensors}
 
 
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def dtype_size(dtype: "torch.dtype") -> int:
+    return dtype.itemsize
 
 
 # Files copied verbatim from a source folder next to the output (config, tokenizers,

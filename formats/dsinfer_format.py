@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
-
-import torch
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
 from .checkpoint import Checkpoint, TensorRef, find_extra_files, load_config
 from .errors import CheckpointError
 from .layout import Placement, shard, shard_rows, unshard
-from .safetensors_io import SafetensorsFile, StreamingWriter, sha256_file
+from .safetensors_io import (CODE_OF_NAME, DTYPE_INFO, SafetensorsFile, StreamingWriter, _numel,
+                             sha256_file)
+
+if TYPE_CHECKING:  # torch (and tqdm) are imported where tensors are handled, not at import:
+    import torch   # reading a manifest or planning a byte-level copy does not need them
 
 FORMAT = "dsinfer"
 FORMAT_VERSION = 1
@@ -35,11 +36,21 @@ MAX_PART_BYTES = 4 * 1024 ** 3
 STYLES = ("colwise", "packed_colwise", "rowwise", "rowwise_bias", "vocab", "replicate", "scale")
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: "torch.dtype") -> str:
     return str(dtype).replace("torch.", "")
 
 
-def dtype_from_name(name: str) -> torch.dtype:
+def is_dtype_name(name: str) -> bool:
+    """`name` is a torch dtype attribute ("float16", "half", ...); torch is imported only for
+    names outside the safetensors table."""
+    if name in CODE_OF_NAME:
+        return True
+    import torch
+    return isinstance(getattr(torch, name, None), torch.dtype)
+
+
+def dtype_from_name(name: str) -> "torch.dtype":
+    import torch
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
         raise CheckpointError(f"unknown dtype name '{name}' in {MANIFEST}")
@@ -145,8 +156,7 @@ def _tensor_problem(info) -> Optional[str]:
     shape, dim, parts = info.get("shape"), info.get("split_dim"), info.get("parts")
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2 ** 48 for d in shape):
         return f"shape {_short(shape)} is not a list of sizes"
-    if not isinstance(info.get("dtype"), str) or not isinstance(
-            getattr(torch, info["dtype"], None), torch.dtype):
+    if not isinstance(info.get("dtype"), str) or not is_dtype_name(info["dtype"]):
         return f"dtype {_short(info.get('dtype'))} is not a torch dtype"
     if dim is not None and not (_is_int(dim) and 0 <= dim < len(shape)):
         return f"split_dim {_short(dim)} does not fit shape {shape}"
@@ -183,12 +193,12 @@ class RankFiles:
             self.cache[rel] = SafetensorsFile(path)
         return self.cache[rel]
 
-    def read(self, name: str, rank: int) -> torch.Tensor:
+    def read(self, name: str, rank: int) -> "torch.Tensor":
         f = self.get(rank, self.manifest["tensors"][name].get("part", 0))
         self.check(f, name)
         return f.read(name)
 
-    def read_rows(self, name: str, rank: int, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, name: str, rank: int, start: int, stop: int) -> "torch.Tensor":
         f = self.get(rank, self.manifest["tensors"][name].get("part", 0))
         self.check(f, name)
         return f.read_rows(name, start, stop)
@@ -203,8 +213,8 @@ class RankFiles:
             raise CheckpointError(f"{f.path}: tensor '{name}' has shape {list(f.shape(name))}, "
                                   f"the manifest implies {list(want)} for this rank; the files "
                                   "do not belong together (re-run dsinfer-reshard)")
-        if dtype_name(f.dtype(name)) != info["dtype"]:
-            raise CheckpointError(f"{f.path}: tensor '{name}' is {dtype_name(f.dtype(name))}, "
+        if DTYPE_INFO[f.dtype_code(name)][0] != info["dtype"]:
+            raise CheckpointError(f"{f.path}: tensor '{name}' is {DTYPE_INFO[f.dtype_code(name)][0]}, "
                                   f"the manifest says {info['dtype']}; the files do not belong "
                                   "together (re-run dsinfer-reshard)")
 
@@ -217,7 +227,7 @@ class RankFiles:
         return files
 
 
-def read_rank(path: Path, rank: int) -> Dict[str, torch.Tensor]:
+def read_rank(path: Path, rank: int) -> Dict[str, "torch.Tensor"]:
     """Rank `rank`'s slices only, as stored: what a runtime rank loads."""
     root, manifest = load_manifest(path)
     files = RankFiles(root, manifest)
@@ -239,7 +249,7 @@ def _row_loader(files: RankFiles, name: str, info: dict, tp: int):
         return lambda a, b: [files.read_rows(name, 0, a, b)]
     n = info["shape"][0] // tp
 
-    def rows(a: int, b: int) -> List[torch.Tensor]:
+    def rows(a: int, b: int) -> List["torch.Tensor"]:
         return [files.read_rows(name, k, max(a, k * n) - k * n, min(b, (k + 1) * n) - k * n)
                 for k in range(a // n, (b - 1) // n + 1)] if b > a else []
     return rows
@@ -289,32 +299,43 @@ def _pieces_by_rank(t: TensorRef, p: Placement, tp: int):
 
 
 def write(out: Path, ckpt: Checkpoint, tp: int, placements: Dict[str, Placement],
-          styles: Dict[str, str], architecture: str, dtype: Optional[torch.dtype] = None,
+          styles: Dict[str, str], architecture: str, dtype: Optional["torch.dtype"] = None,
           quantization: Optional[dict] = None, keep_dtype: Iterable[str] = (),
           extra: Optional[Dict[str, dict]] = None, max_part_bytes: int = MAX_PART_BYTES,
           progress: bool = True) -> dict:
     """Writes `ckpt` split `tp` ways into the (empty, temporary) folder `out`; returns the
     manifest (`finish` writes it). Reads each source tensor once. `dtype` casts floating
     tensors except those in `keep_dtype` (int8 scales); `extra` adds per-tensor manifest keys."""
+    from tqdm.auto import tqdm
     keep = set(keep_dtype)
     out_dtype = {t.name: dtype if (dtype and t.dtype.is_floating_point and t.name not in keep)
                  else t.dtype for t in ckpt.tensors}
     shapes = {t.name: placements[t.name].shard_shape(t.shape, tp) for t in ckpt.tensors}
-    shard_bytes = {n: torch.Size(s).numel() * out_dtype[n].itemsize for n, s in shapes.items()}
+    shard_bytes = {n: _numel(s) * out_dtype[n].itemsize for n, s in shapes.items()}
     parts = _plan_parts(ckpt.tensors, shard_bytes, max_part_bytes)
     for r in range(tp):
         (out / rank_dir(r, tp)).mkdir()
     with tqdm(total=sum(t.nbytes for t in ckpt.tensors), unit="B", unit_scale=True,
               desc=f"write tp={tp}", disable=None if progress else True, leave=False) as bar:
         files = _write_ranks(out, ckpt, tp, placements, out_dtype, shapes, parts, bar)
-    tensors = {t.name: {"shape": list(t.shape), "dtype": dtype_name(out_dtype[t.name]),
+    names = {t.name: dtype_name(out_dtype[t.name]) for t in ckpt.tensors}
+    return new_manifest(ckpt, tp, placements, styles, parts, names, architecture, quantization,
+                        extra, files, _main_dtype(ckpt.tensors, out_dtype))
+
+
+def new_manifest(ckpt, tp: int, placements: Dict[str, Placement], styles: Dict[str, str],
+                 parts: Dict[str, int], dtype_names: Dict[str, str], architecture: str,
+                 quantization: Optional[dict], extra: Optional[Dict[str, dict]],
+                 files: Dict[str, dict], main_dtype: str) -> dict:
+    """The manifest of a written checkpoint (`ckpt`: its tensors in source order, its source
+    description); shared by the tensor writer and the byte-copy writer."""
+    tensors = {t.name: {"shape": list(t.shape), "dtype": dtype_names[t.name],
                         **placements[t.name].to_json(), "style": styles[t.name],
                         "part": parts[t.name], **(extra or {}).get(t.name, {})}
                for t in ckpt.tensors}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
-            "tp_size": tp, "dtype": _main_dtype(ckpt.tensors, out_dtype),
-            "quantization": quantization, "source": ckpt.source, "tensors": tensors,
-            "files": files}
+            "tp_size": tp, "dtype": main_dtype, "quantization": quantization,
+            "source": ckpt.source, "tensors": tensors, "files": files}
 
 
 def _write_ranks(out, ckpt, tp, placements, out_dtype, shapes, parts, bar) -> Dict[str, dict]:
@@ -348,12 +369,19 @@ def _close_finished(writers, files, out: Path, tp: int) -> None:
         files[part_path(key[0], tp, key[1])] = {"bytes": nbytes, "sha256": sha}
 
 
-def _main_dtype(tensors: List[TensorRef], out_dtype: Dict[str, torch.dtype]) -> str:
-    by_bytes: Dict[torch.dtype, int] = {}
-    for t in tensors:
-        if out_dtype[t.name].is_floating_point:
-            by_bytes[out_dtype[t.name]] = by_bytes.get(out_dtype[t.name], 0) + t.nbytes
-    return dtype_name(max(by_bytes, key=by_bytes.get)) if by_bytes else "none"
+def _main_dtype(tensors: List[TensorRef], out_dtype: Dict[str, "torch.dtype"]) -> str:
+    return main_dtype((dtype_name(out_dtype[t.name]), out_dtype[t.name].is_floating_point,
+                       t.nbytes) for t in tensors)
+
+
+def main_dtype(items: Iterable[Tuple[str, bool, int]]) -> str:
+    """The floating dtype holding most bytes, from (dtype name, floating?, source bytes) per
+    tensor in source order (the first one wins a tie); "none" without floating tensors."""
+    by_bytes: Dict[str, int] = {}
+    for name, floating, nbytes in items:
+        if floating:
+            by_bytes[name] = by_bytes.get(name, 0) + nbytes
+    return max(by_bytes, key=by_bytes.get) if by_bytes else "none"
 
 
 def finish(out: Path, manifest: dict) -> None:

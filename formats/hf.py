@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
-
-import torch
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from .checkpoint import Checkpoint, TensorRef, find_extra_files, load_config
 from .errors import CheckpointError
-from .safe_pickle import load_pt
 from .safetensors_io import SafetensorsFile, StreamingWriter
+
+if TYPE_CHECKING:  # torch, tqdm and the pickle loader are imported where tensors are handled:
+    import torch   # finding and planning a safetensors folder does not need them
 
 # weights file -> index file, in order of preference
 WEIGHT_FILES = (
@@ -57,6 +56,8 @@ def _refs_safetensors(path: Path) -> List[TensorRef]:
 
 
 def _refs_pickle(path: Path) -> List[TensorRef]:
+    import torch
+    from .safe_pickle import load_pt
     sd = load_pt(path)  # memory-mapped: tensors are read when touched
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
@@ -102,14 +103,14 @@ def read_descriptor(desc: dict, base: Path, options) -> Checkpoint:
     return read_files([base / f for f in files], read_config(base), find_extra_files(base))
 
 
-def write(out: Path, ckpt: Checkpoint, dtype: Optional[torch.dtype] = None,
+def write(out: Path, ckpt: Checkpoint, dtype: Optional["torch.dtype"] = None,
           max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True) -> Dict[str, dict]:
     """Writes `ckpt` into the (empty, temporary) folder `out`; returns {file: {bytes, sha256}}."""
+    from tqdm.auto import tqdm
     out_dtype = {t.name: dtype if (dtype and t.dtype.is_floating_point) else t.dtype
                  for t in ckpt.tensors}
     shards = _plan_shards(ckpt.tensors, out_dtype, max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = shard_names(len(shards))
     files = {}
     with tqdm(total=sum(t.nbytes for t in ckpt.tensors), unit="B", unit_scale=True,
               desc="write hf", disable=None if progress else True, leave=False) as bar:
@@ -126,19 +127,32 @@ def write(out: Path, ckpt: Checkpoint, dtype: Optional[torch.dtype] = None,
                 w.abort()
                 raise
             files[fname] = {"bytes": nbytes, "sha256": sha}
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(f["bytes"] for f in files.values())},
-                 "weight_map": {t.name: n for n, s in zip(names, shards) for t in s}}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_index(out, names, shards, files)
     write_config(out, ckpt.config, dtype)
     return files
 
 
-def _plan_shards(tensors, out_dtype, max_bytes) -> List[List[TensorRef]]:
+def shard_names(n: int) -> List[str]:
+    return (["model.safetensors"] if n == 1 else
+            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+
+
+def write_index(out: Path, names: List[str], shards, files: Dict[str, dict]) -> None:
+    """model.safetensors.index.json when the weights span several files."""
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(f["bytes"] for f in files.values())},
+                 "weight_map": {t.name: n for n, s in zip(names, shards) for t in s}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _plan_shards(tensors, out_dtype, max_bytes, itemsize=lambda d: d.itemsize
+                 ) -> List[List[TensorRef]]:
+    """Consecutive tensors per file, each file under `max_bytes` (unless one tensor is
+    larger). `out_dtype[name]` is given to `itemsize`; so are the tensors' own dtypes."""
     shards: List[List[TensorRef]] = [[]]
     size = 0
     for t in tensors:
-        nbytes = t.nbytes // t.dtype.itemsize * out_dtype[t.name].itemsize
+        nbytes = t.nbytes // itemsize(t.dtype) * itemsize(out_dtype[t.name])
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -147,7 +161,7 @@ def _plan_shards(tensors, out_dtype, max_bytes) -> List[List[TensorRef]]:
     return shards
 
 
-def write_config(out: Path, config: dict, dtype: Optional[torch.dtype]) -> None:
+def write_config(out: Path, config: dict, dtype: Optional["torch.dtype"]) -> None:
     config = dict(config)
     if dtype is not None:
         key = "dtype" if "dtype" in config else "torch_dtype"

@@ -13,9 +13,10 @@ A plain split is the one-part case. Split and merge are exact inverses (pure sli
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
-import torch
+if TYPE_CHECKING:  # imported inside shard/unshard only: Placement is needed without torch
+    import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,9 @@ class Placement:
         return cls(d.get("split_dim"), tuple(parts) if parts else None)
 
 
-def shard(t: torch.Tensor, p: Placement, tp: int, rank: int) -> torch.Tensor:
+def shard(t: "torch.Tensor", p: Placement, tp: int, rank: int) -> "torch.Tensor":
     """Rank `rank`'s piece of the global tensor `t` (a view where possible)."""
+    import torch
     if p.replicated or tp == 1:
         return t
     pieces, start = [], 0
@@ -71,6 +73,14 @@ def shard(t: torch.Tensor, p: Placement, tp: int, rank: int) -> torch.Tensor:
 def shard_rows(p: Placement, shape: Sequence[int], tp: int, rank: int) -> List[Tuple[int, int]]:
     """For a dim-0 split: the [start, stop) row ranges of the global tensor that rank holds."""
     assert p.split_dim == 0
+    return shard_ranges(p, shape, tp, rank)
+
+
+def shard_ranges(p: Placement, shape: Sequence[int], tp: int, rank: int
+                 ) -> List[Tuple[int, int]]:
+    """The [start, stop) index ranges along `p.split_dim` of the global tensor that rank
+    holds, one per part, in the order the rank stores them."""
+    assert not p.replicated
     out, start = [], 0
     for size in p.part_sizes(shape):
         chunk = size // tp
@@ -79,8 +89,9 @@ def shard_rows(p: Placement, shape: Sequence[int], tp: int, rank: int) -> List[T
     return out
 
 
-def unshard(shards: List[torch.Tensor], p: Placement) -> torch.Tensor:
+def unshard(shards: List["torch.Tensor"], p: Placement) -> "torch.Tensor":
     """The global tensor from every rank's piece, in rank order (inverse of `shard`)."""
+    import torch
     if p.replicated or len(shards) == 1:
         return shards[0]
     tp = len(shards)

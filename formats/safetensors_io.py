@@ -18,21 +18,34 @@ import queue
 import struct
 import threading
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
 from .errors import CheckpointError
 
-# safetensors dtype string <-> torch dtype
-DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:  # torch is imported lazily: the byte-copy fast path never needs it
+    import torch
+
+# safetensors dtype code -> (torch dtype name, bytes per element, floating point?)
+DTYPE_INFO: Dict[str, Tuple[str, int, bool]] = {
+    "F64": ("float64", 8, True), "F32": ("float32", 4, True), "F16": ("float16", 2, True),
+    "BF16": ("bfloat16", 2, True), "I64": ("int64", 8, False), "I32": ("int32", 4, False),
+    "I16": ("int16", 2, False), "I8": ("int8", 1, False), "U8": ("uint8", 1, False),
+    "BOOL": ("bool", 1, False), "F8_E4M3": ("float8_e4m3fn", 1, True),
+    "F8_E5M2": ("float8_e5m2", 1, True),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+CODE_OF_NAME: Dict[str, str] = {v[0]: k for k, v in DTYPE_INFO.items()}  # "float16" -> "F16"
 MAX_HEADER = 100 * 1024 * 1024
+
+
+def __getattr__(name: str):
+    """DTYPES (code -> torch dtype) and DTYPE_NAMES (torch dtype -> code), built on first use
+    so that importing this module does not import torch."""
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        import torch
+        dtypes = {k: getattr(torch, v[0]) for k, v in DTYPE_INFO.items()}
+        globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _numel(shape) -> int:
@@ -50,7 +63,7 @@ def _entry_problem(e) -> Optional[str]:
     """What is wrong with one tensor's header entry (types and ranges), or None."""
     if not isinstance(e, dict):
         return f"has entry {str(e)[:40]!r}"
-    if not isinstance(e.get("dtype"), str) or e["dtype"] not in DTYPES:
+    if not isinstance(e.get("dtype"), str) or e["dtype"] not in DTYPE_INFO:
         return f"has unsupported dtype {str(e.get('dtype'))[:40]!r}"
     shape, offsets = e.get("shape"), e.get("data_offsets")
     if not isinstance(shape, list) or not all(_is_size(d) for d in shape) \
@@ -94,7 +107,7 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: tensor '{name}' {problem} in the header; "
                                       "the file is corrupt: copy it again")
             begin, end = e["data_offsets"]
-            want = _numel(e["shape"]) * torch.empty((), dtype=DTYPES[e["dtype"]]).element_size()
+            want = _numel(e["shape"]) * DTYPE_INFO[e["dtype"]][1]
             if end - begin != want or self.data_start + end > size:
                 raise CheckpointError(
                     f"{self.path}: tensor '{name}' is truncated or its header is inconsistent "
@@ -107,23 +120,33 @@ class SafetensorsFile:
     def shape(self, name: str) -> Tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self.entries[name]["dtype"]]
+    def dtype(self, name: str) -> "torch.dtype":
+        return __getattr__("DTYPES")[self.entries[name]["dtype"]]
 
-    def read(self, name: str) -> torch.Tensor:
+    def dtype_code(self, name: str) -> str:
+        """The safetensors dtype code ("F16", ...), without importing torch."""
+        return self.entries[name]["dtype"]
+
+    def byte_range(self, name: str) -> Tuple[int, int]:
+        """Absolute [begin, end) byte offsets of a tensor's data in the file."""
+        begin, end = self.entries[name]["data_offsets"]
+        return self.data_start + begin, self.data_start + end
+
+    def read(self, name: str) -> "torch.Tensor":
         shape = self.shape(name)
         return self.read_rows(name, 0, shape[0]) if shape else self._read(name, 0, 1, ())
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, name: str, start: int, stop: int) -> "torch.Tensor":
         """Rows [start, stop) along dim 0, reading only their bytes."""
         shape = self.shape(name)
         row = _numel(shape[1:])
         return self._read(name, start * row, stop * row, (stop - start,) + shape[1:])
 
-    def _read(self, name, first, last, shape) -> torch.Tensor:
+    def _read(self, name, first, last, shape) -> "torch.Tensor":
+        import torch
         e = self.entries[name]
-        dtype = DTYPES[e["dtype"]]
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        dtype = __getattr__("DTYPES")[e["dtype"]]
+        itemsize = DTYPE_INFO[e["dtype"]][1]
         out = torch.empty(_numel(shape) * itemsize, dtype=torch.uint8)
         offset = self.data_start + e["data_offsets"][0] + first * itemsize
         with open(self.path, "rb", buffering=0) as f:
@@ -147,16 +170,34 @@ def _pieces_shape(pieces) -> Optional[tuple]:
     return (sum(p.shape[0] for p in pieces),) + tuple(pieces[0].shape[1:])
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: "torch.Tensor") -> memoryview:
     """The raw little-endian bytes of a tensor (contiguous copy when needed)."""
+    import torch
     t = t.detach().to("cpu")
-    if t.dtype.itemsize in _SAME_SIZE_INT:
-        t = t.view(_SAME_SIZE_INT[t.dtype.itemsize])  # integer copies of strided slices are
-    t = t.contiguous().reshape(-1)                    # several times faster than fp16 ones
+    same_size_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    if t.dtype.itemsize in same_size_int:
+        t = t.view(same_size_int[t.dtype.itemsize])  # integer copies of strided slices are
+    t = t.contiguous().reshape(-1)                   # several times faster than fp16 ones
     return memoryview(t.view(torch.uint8).numpy())
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+def header_bytes(entries: Iterable[Tuple[str, tuple, str]],
+                 metadata: Optional[Dict[str, str]] = None) -> Tuple[bytes, int]:
+    """(the file's first 8 + N bytes, its total size) for tensors [(name, shape, dtype code)]
+    laid out back to back in that order. Header JSON: "__metadata__" first (when given), then
+    one entry per tensor in file order, compact separators, padded with spaces to 8 bytes."""
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, shape, code in entries:
+        nbytes = _numel(shape) * DTYPE_INFO[code][1]
+        header[name] = {"dtype": code, "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, 8 + len(raw) + offset
 
 
 class StreamingWriter:
@@ -166,22 +207,12 @@ class StreamingWriter:
     for every entry, in that order. The sha256 and byte count are computed on the fly.
     """
 
-    def __init__(self, path: Path, plan: Iterable[Tuple[str, tuple, torch.dtype]],
+    def __init__(self, path: Path, plan: Iterable[Tuple[str, tuple, "torch.dtype"]],
                  metadata: Optional[Dict[str, str]] = None):
         self.path = Path(path)
-        self.order: List[Tuple[str, tuple, torch.dtype]] = [(n, tuple(s), d) for n, s, d in plan]
-        header: Dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = metadata
-        offset = 0
-        for name, shape, dtype in self.order:
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.total = 8 + len(raw) + offset
+        self.order: List[Tuple[str, tuple, "torch.dtype"]] = [(n, tuple(s), d) for n, s, d in plan]
+        codes = __getattr__("DTYPE_NAMES")
+        head, self.total = header_bytes([(n, s, codes[d]) for n, s, d in self.order], metadata)
         self.hash = hashlib.sha256()
         self.bytes = 0
         self._next = 0
@@ -192,7 +223,7 @@ class StreamingWriter:
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
-        self._emit(struct.pack("<Q", len(raw)) + raw)
+        self._emit(head)
 
     def _drain(self) -> None:
         while True:

@@ -6,7 +6,7 @@ import sys
 
 from dsinfer import specs
 from dsinfer.formats import READERS
-from dsinfer.reshard import DTYPES, TARGETS, reshard
+from dsinfer.reshard import DTYPE_NAMES, TARGETS, reshard
 
 from ._cli import Formatter, human_bytes, run
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel degree to write")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--to", choices=TARGETS, default="dsinfer", help="output format")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                    help="cast floating-point tensors (default: keep the source dtype)")
     p.add_argument("--from", dest="fmt", choices=list(READERS), default=None,
                    help="source format (default: detected from the path)")
