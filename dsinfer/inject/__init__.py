@@ -57,7 +57,7 @@ def inject(model: torch.nn.Module, spec, tp: TPGroup, device: torch.device,
     if adapter is None:
         warn(f"dsinfer: no fused blocks for {spec.name}; running the tensor-parallel torch modules")
         return False
-    body = model.get_submodule(adapter.body)
+    body = adapter.find_body(model)
     try:
         adapter.check(model.config)
         layers = adapter.layers(body)

@@ -79,7 +79,7 @@ class FusedDecoder:
         start = cache.length if cache is not None else 0
         if use_cache is None:
             use_cache = getattr(self.body.config, "use_cache", True)
-        if cache is None and use_cache:
+        if cache is None and use_cache and self.blocks[0].cfg.causal:   # encoders keep no cache
             self.epoch += 1
             cache = StepCache(self, self.epoch, len(self.blocks))
         key_mask = self._key_mask(attention_mask, cache, start, S)
@@ -93,7 +93,8 @@ class FusedDecoder:
                          key_mask, **kwargs)
         if cache is not None:
             cache.length, cache.key_mask = start + S, key_mask
-        return Output(**{"last_hidden_state": h, CACHE_FIELD: cache})
+        out = Output(**{"last_hidden_state": h, CACHE_FIELD: cache})
+        return self.adapter.output(self.body, out)
 
     def run(self, input_ids, inputs_embeds, positions, attention_mask, cache, start, key_mask,
             starts=None, lengths=None, **kwargs) -> torch.Tensor:

@@ -54,6 +54,10 @@ def local(count: int, tp: TPGroup, what: str) -> int:
 class Adapter:
     body = "model"            # attribute path of the body inside the HF model
 
+    def find_body(self, model) -> torch.nn.Module:
+        """The module whose forward the fused decoder replaces."""
+        return model.get_submodule(self.body)
+
     def check(self, config) -> None:
         """Raise Unsupported for config variants the fused blocks do not cover."""
 
@@ -77,6 +81,11 @@ class Adapter:
 
     def alibi_slopes(self, tp: TPGroup) -> Optional[torch.Tensor]:
         return None
+
+    def output(self, body, out):
+        """The body's return value from the decoder's (last_hidden_state, cache) output: where
+        a family's body adds to it (a projection, BERT's pooler)."""
+        return out
 
     def positions(self, attention_mask, start: int, S: int, B: int, device) -> torch.Tensor:
         """Default positions when the caller gives none: start .. start + S - 1 (as HF)."""
