@@ -30,7 +30,24 @@ def one_line_errors() -> None:
     def hook(kind, exc, tb):
         if isinstance(exc, CheckpointError):
             sys.stderr.write(f"dsinfer: error: {exc}\n")
+        elif _peer_failure(exc):
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            sys.stderr.write("dsinfer: error: a collective with the other ranks failed (another "
+                             "rank stopped, or none answered within DSINFER_TIMEOUT="
+                             f"{os.environ.get('DSINFER_TIMEOUT', '300')} s): {first}\n")
         else:
             previous(kind, exc, tb)
     hook.dsinfer = True
     sys.excepthook = hook
+
+
+# What torch.distributed raises when a peer is gone or silent (gloo and NCCL wordings).
+_PEER_TYPES = ("DistBackendError", "DistNetworkError", "DistStoreError")
+_PEER_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+               "Timed out waiting", "timed out", "Watchdog caught collective operation timeout")
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    if type(exc).__name__ in _PEER_TYPES:
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc) for w in _PEER_WORDS)

@@ -147,6 +147,13 @@ class Loader:
         cache.setdefault(wname, new)
         _set_module(self.model, path, new)
 
+    def _split_alias(self, ckpt: str) -> bool:
+        """A TP-split tensor that the model also keeps outside its parallel layer: BERT's
+        `cls.predictions.bias` is the output layer's vocab-split bias under a second name
+        (tied in HF). Its local slice is the right value for that parameter too."""
+        placement = self.source.placements.get(ckpt)
+        return placement is not None and not placement.replicated
+
     def assign_rest(self) -> None:
         done: Dict[str, torch.nn.Parameter] = {}  # checkpoint name -> Parameter (tied: shared)
         for name, p in list(self.model.named_parameters(remove_duplicate=False)):
@@ -162,7 +169,9 @@ class Loader:
                 continue
             if ckpt not in done:
                 t = self.tensor(ckpt)
-                if tuple(t.shape) != tuple(p.shape):
+                if tuple(t.shape) != tuple(p.shape) and self._split_alias(ckpt):
+                    pass     # this rank's slice, also held by a parallel layer (tied bias)
+                elif tuple(t.shape) != tuple(p.shape):
                     raise CheckpointError(
                         f"tensor '{ckpt}' is {list(t.shape)} in the checkpoint, the model "
                         f"expects {list(p.shape)}: the config and the checkpoint differ")

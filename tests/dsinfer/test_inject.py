@@ -79,10 +79,8 @@ def test_bert_fused_encoder_equals_hf():
     assert rel(a[0], b[0]) <= 1e-4 and rel(a[1, :8], b[1, :8]) <= 1e-4
 
 
-# BertForMaskedLM at world 2 is left out: loading it at TP 2 fails before injection (its
-# vocab-split cls.predictions.bias against the model's full-size parameter, materialize.py).
-@pytest.mark.parametrize("world,cls", [(1, tf.BertForMaskedLM), (2, tf.BertModel),
-                                       (2, tf.BertForSequenceClassification)])
+@pytest.mark.parametrize("world,cls", [(1, tf.BertForMaskedLM), (2, tf.BertForMaskedLM),
+                                       (2, tf.BertModel), (2, tf.BertForSequenceClassification)])
 def test_bert_fused_encoder_under_the_launcher(world, cls, tmp_path):
     """TP 2 (and a TP 2 checkpoint re-sharded at load for world 1): logits, or last hidden
     state and pooler output, of non-padding positions equal HF."""
