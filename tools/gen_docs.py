@@ -239,7 +239,7 @@ def architectures_page() -> str:
         raise RuntimeError(f"formats.READERS has {missing} but tools/gen_docs.py READER_ARCHS "
                            "does not say which architectures they produce: add an entry")
     cells = {f: READER_ARCHS[f](specs) for f in READERS}
-    out = [HEADER.format(what="dsinfer.specs.SPECS and dsinfer.formats.READERS"),
+    out = [HEADER.format(what="dsinfer.specs.SPECS, dsinfer.formats.READERS and dsinfer.inject.archs.ADAPTERS"),
            "# Supported architectures", "",
            "Every architecture below has a TP plan (one entry of `dsinfer.specs.SPECS`): it can "
            "be re-sharded, quantized and served at any TP degree that divides its heads. Other "
@@ -249,11 +249,18 @@ def architectures_page() -> str:
            "Which source formats (`--from`, the keys of `dsinfer.formats.READERS`, in detection "
            "order) can produce each architecture. Every output is in the dsinfer format or, with "
            "`--to hf --tp 1`, an HF folder.", "",
-           "| architecture | HF classes | " + " | ".join(f"`{f}`" for f in READERS) + " |",
-           "|---|---|" + "---|" * len(READERS)]
+           "The last column says whether `replace_with_kernel_inject=True` has fused blocks for "
+           "the family (`dsinfer.inject.archs.ADAPTERS`; see [kernels.md](kernels.md)); "
+           "without, the model runs its HF modules tensor-parallel.", "",
+           "| architecture | HF classes | " + " | ".join(f"`{f}`" for f in READERS)
+           + " | fused blocks |",
+           "|---|---|" + "---|" * len(READERS) + "---|"]
+    from dsinfer.inject.archs import ADAPTERS
     for s in specs.SPECS:
         row = [f"`{s.name}`", ", ".join(s.architectures)]
         row += [cells[f].get(s.name, "-") for f in READERS]
+        adapter = ADAPTERS.get(s.name)
+        row.append(f"`{adapter.split(':')[1]}`" if adapter else "-")
         out.append("| " + " | ".join(row) + " |")
     out += ["", "Source formats:", ""]
     out += [f"- `{f}`: {READER_NOTES.get(f, '')}" for f in READERS]
