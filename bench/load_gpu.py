@@ -1,10 +1,13 @@
 """Load time of a pre-sharded fp16 checkpoint to ready-on-GPU, beside HF and raw safetensors.
 
-usage: python3 bench/load_gpu.py SECTION... [--workdir DIR] [--out FILE.jsonl]
-  make-neo     write a random fp16 GPT-Neo-2.7B-shaped HF checkpoint and reshard it to TP 1, 2
+usage: python3 bench/load_gpu.py SECTION... [--model neo|llama] [--nproc N] [--workdir DIR]
+  make         write a random fp16 HF checkpoint of the model's shape (GPT-Neo-2.7B, 5.3 GB, or
+               Llama-7B, 13.5 GB) and reshard it to TP 1 and 2
   hf           transformers from_pretrained(dtype=fp16, device_map="cuda")
+  hf_tp        transformers from_pretrained(dtype=fp16, tp_plan="auto") under torchrun --nproc
+               (HF's own tensor-parallel loading; time = slowest rank)
   raw          safetensors.torch.load_file(device="cuda") of every shard
-  dsinfer      meta-device model + dsinfer.init_inference(checkpoint=<TP 1 dsinfer folder>)
+  dsinfer      meta-device model + dsinfer.init_inference(checkpoint=<TP nproc dsinfer folder>)
   check        dsinfer's model vs HF's on one input (max rel. logit difference)
 Timed sections run in a fresh subprocess twice (the second with a warm page cache); only the
 load call is timed (imports, interpreter start and CUDA context creation are not, for every
@@ -26,15 +29,24 @@ import torch
 NEO = dict(hidden_size=2560, num_layers=32, num_heads=20, vocab_size=50257,
            max_position_embeddings=2048, attention_types=[[["global", "local"], 16]],
            window_size=256, intermediate_size=None)
+LLAMA = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+MODEL = os.environ.get("DSINFER_BENCH_MODEL", "neo")     # set by --model, read by children
 
 
-def make_neo(work: Path) -> None:
+def _config():
+    import transformers as tf
+    if MODEL == "llama":
+        return tf.LlamaConfig(**LLAMA, torch_dtype="float16")
+    return tf.GPTNeoConfig(**NEO, torch_dtype="float16")
+
+
+def make(work: Path) -> None:
     import transformers as tf
     from dsinfer.reshard import reshard
-    cfg = tf.GPTNeoConfig(**NEO, torch_dtype="float16")
     with torch.device("meta"):
-        model = tf.GPTNeoForCausalLM(cfg)
-    hf = work / "neo-hf"
+        model = tf.AutoModelForCausalLM.from_config(_config())
+    hf = work / f"{MODEL}-hf"
     if not (hf / "config.json").exists():
         g = torch.Generator(device="cuda").manual_seed(0)
         with torch.device("cuda"):
@@ -43,11 +55,12 @@ def make_neo(work: Path) -> None:
                 p.data.normal_(0, 0.02, generator=g)
         t = time.perf_counter()
         model.save_pretrained(hf, max_shard_size="10GB")
-        print(json.dumps({"section": "make-neo", "write_s": time.perf_counter() - t}))
+        print(json.dumps({"section": "make", "model": MODEL,
+                          "write_s": time.perf_counter() - t}))
         del model
     for tp in (1, 2):
-        if not (work / f"neo-tp{tp}" / "dsinfer.json").exists():
-            res = reshard(hf, work / f"neo-tp{tp}", tp=tp, progress=False)
+        if not (work / f"{MODEL}-tp{tp}" / "dsinfer.json").exists():
+            res = reshard(hf, work / f"{MODEL}-tp{tp}", tp=tp, progress=False)
             print(json.dumps({"section": f"reshard-tp{tp}", "seconds": res.seconds,
                               "bytes": res.bytes}))
 
@@ -59,16 +72,30 @@ def _sync():
 def load_hf(work: Path) -> float:
     import transformers as tf
     t = time.perf_counter()
-    tf.AutoModelForCausalLM.from_pretrained(work / "neo-hf", dtype=torch.float16,
+    tf.AutoModelForCausalLM.from_pretrained(work / f"{MODEL}-hf", dtype=torch.float16,
                                             device_map="cuda")
     _sync()
     return time.perf_counter() - t
 
 
+def load_hf_tp(work: Path) -> float:
+    import torch.distributed as dist
+    import transformers as tf
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    t = time.perf_counter()
+    tf.AutoModelForCausalLM.from_pretrained(work / f"{MODEL}-hf", dtype=torch.float16,
+                                            tp_plan="auto")
+    _sync()
+    secs = time.perf_counter() - t
+    if dist.is_initialized():
+        dist.barrier()
+    return secs
+
+
 def load_raw(work: Path) -> float:
     from safetensors.torch import load_file
     t = time.perf_counter()
-    for f in sorted((work / "neo-hf").glob("*.safetensors")):
+    for f in sorted((work / f"{MODEL}-hf").glob("*.safetensors")):
         load_file(f, device="cuda")
     _sync()
     return time.perf_counter() - t
@@ -78,7 +105,7 @@ def load_dsinfer(work: Path) -> float:
     import transformers as tf
     import dsinfer
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ckpt = work / f"neo-tp{world}"
+    ckpt = work / f"{MODEL}-tp{world}"
     cfg = tf.AutoConfig.from_pretrained(ckpt)
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(cfg)
@@ -92,13 +119,14 @@ def load_dsinfer(work: Path) -> float:
 def check(work: Path) -> dict:
     import transformers as tf
     import dsinfer
-    ref = tf.AutoModelForCausalLM.from_pretrained(work / "neo-hf", dtype=torch.float16,
+    ref = tf.AutoModelForCausalLM.from_pretrained(work / f"{MODEL}-hf", dtype=torch.float16,
                                                   device_map="cuda").eval()
-    cfg = tf.AutoConfig.from_pretrained(work / "neo-tp1")
+    cfg = tf.AutoConfig.from_pretrained(work / f"{MODEL}-tp1")
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(cfg)
-    eng = dsinfer.init_inference(model, checkpoint=str(work / "neo-tp1"), dtype=torch.float16)
-    ids = torch.randint(0, 50257, (1, 32), device="cuda")
+    eng = dsinfer.init_inference(model, checkpoint=str(work / f"{MODEL}-tp1"),
+                                 dtype=torch.float16)
+    ids = torch.randint(0, cfg.vocab_size, (1, 32), device="cuda")
     with torch.no_grad():
         a, b = ref(ids).logits.float(), eng.module(ids).logits.float()
     same = torch.equal(ref.generate(ids, max_new_tokens=8, do_sample=False),
@@ -106,7 +134,8 @@ def check(work: Path) -> dict:
     return {"rel_err": ((a - b).abs().max() / a.abs().max()).item(), "generate_same": same}
 
 
-TIMED = {"hf": load_hf, "raw": load_raw, "dsinfer": load_dsinfer}
+TIMED = {"hf": load_hf, "hf_tp": load_hf_tp, "raw": load_raw, "dsinfer": load_dsinfer}
+DISTRIBUTED = ("dsinfer", "hf_tp")      # sections that run under torchrun with --nproc ranks
 
 
 def child(section: str, work: Path) -> None:
@@ -117,29 +146,32 @@ def child(section: str, work: Path) -> None:
     torch.cuda.synchronize()
     secs = TIMED[section](work)
     rank = int(os.environ.get("RANK", "0"))
-    print(json.dumps({"section": section, "rank": rank, "world": int(os.environ.get(
-        "WORLD_SIZE", "1")), "seconds": round(secs, 3)}), flush=True)
+    print(json.dumps({"section": section, "model": MODEL, "rank": rank, "world": int(
+        os.environ.get("WORLD_SIZE", "1")), "seconds": round(secs, 3)}), flush=True)
 
 
 def main() -> int:
+    global MODEL
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sections", nargs="+")
     p.add_argument("--workdir", default="/tmp/dsinfer-bench")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--nproc", type=int, default=1, help="ranks for the dsinfer section")
+    p.add_argument("--nproc", type=int, default=1, help="ranks for the dsinfer and hf_tp sections")
+    p.add_argument("--model", choices=("neo", "llama"), default=MODEL)
     args = p.parse_args()
+    os.environ["DSINFER_BENCH_MODEL"] = MODEL = args.model
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if args.child:
         child(args.sections[0], work)
         return 0
     for s in args.sections:
-        if s == "make-neo":
-            make_neo(work)
+        if s in ("make", "make-neo"):
+            make(work)
             continue
         for attempt in ("cold-ish", "warm"):
             cmd = [sys.executable, __file__, s, "--workdir", str(work), "--child"]
-            if s == "dsinfer" and args.nproc > 1:
+            if s in DISTRIBUTED and args.nproc > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                        str(args.nproc), *cmd[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -149,7 +181,7 @@ def main() -> int:
                 break
             secs = max(ln.get("seconds", 0) for ln in lines)
             print(json.dumps({**lines[0], "attempt": attempt, "seconds": secs,
-                              "nproc": args.nproc if s == "dsinfer" else 1}), flush=True)
+                              "nproc": args.nproc if s in DISTRIBUTED else 1}), flush=True)
             if s == "check":
                 break
     return 0
