@@ -4,21 +4,25 @@ GEMV that decode needs where cuBLAS is weak.
     y[M, N] = x[M, K] @ dequant(q[N, K], s[G, C]).T (+ bias)    dequant: w[n, k] = q[n, k] * s[g, c]
     g = n // (N / G)  (row groups),   c = k // (K / C)  (column groups; C = 1 is per-row-group)
 
-Three paths, by M (rows of x):
-- M <= 4 (decode): _gemv_kernel, no tensor cores (no x tile padded to 16 rows). Each program
-  streams a [BLOCK_N, K] strip of w with 16-byte loads and multiplies in fp32 on CUDA cores;
-  hundreds of programs keep bytes in flight. The floor is w's bytes over HBM bandwidth, which int8
-  halves against fp16; on an H200 the int8 kernel measured 1.1-1.7 TB/s (latency-bound: register
-  pressure leaves two programs an SM), the fp16 one 3.0-3.7 TB/s (see _GEMV_TILES).
-- 4 < M < PREFILL_DEQUANT_MIN_M: _linear_kernel, tiled tl.dot. Each K-step loads an int8 tile
-  [BLOCK_N, BLOCK_K], converts and scales it in registers to the activations' dtype and feeds
-  tl.dot (fp32 accumulation); with C = 1 the scale is constant along K and is applied once to the
-  accumulator instead. Decode tiles (M <= 16) are narrow in N and long in K; prefill tiles are
-  128-row tiles in grouped order (Triton tutorial 03). SWAP_AB computes w @ x.T instead (the
-  weight tile as the MMA's first operand).
+Paths for int8, by M (rows of x):
+- M = 1: _w8_gemv_kernel (CUDA cores) or _linear_kernel's decode tiles (tensor cores), whichever
+  measures faster for the shape on first use (_m1_path). _w8_gemv_kernel streams [BLOCK_N, K]
+  strips of w in 8-byte chunks with x loaded in the same register layout (no shared-memory
+  shuffle in the K loop), sums each chunk in registers and reduces across threads once, after
+  the loop; 32-56 registers a thread (ptxas, sm_90), so many programs share an SM.
+- Both int8 kernels convert with byte permutes (FAST_CVT: PRMT + one FADD / HSUB2, exact) in
+  place of I2F, which runs at a quarter rate on sm_90 and alone capped the int8 GEMV below HBM
+  speed. Column-group scales multiply per-chunk (GEMV) or per-K-tile (tl.dot) partial sums.
+- 1 < M < PREFILL_DEQUANT_MIN_M: _linear_kernel, tiled tl.dot. Each K-step loads an int8 tile
+  [BLOCK_N, BLOCK_K] (cp.async-pipelined by num_stages), converts it in registers to the
+  activations' dtype and feeds tl.dot (fp32 accumulation); per-row scales are applied once to
+  the accumulator, column-group scales to each K-tile's partial product. Decode tiles (M <= 16)
+  are narrow in N and long in K; prefill tiles are 128-row tiles in grouped order (Triton
+  tutorial 03). SWAP_AB computes w @ x.T instead (the weight tile as the MMA's first operand).
 - M >= PREFILL_DEQUANT_MIN_M: dequantize w once (_dequant_kernel) and call cuBLAS: compute-bound,
   where a one-pass dequant costs a few percent and cuBLAS beats the fused kernel.
-gemv() runs fp16/bf16 weights through the first two paths (M <= 16) and cuBLAS above.
+gemv() runs fp16/bf16 weights through _gemv_kernel (M <= 4), the tl.dot decode tiles (M <= 16)
+and cuBLAS above.
 
 Tuning is triton.autotune over small tables, keyed by (M bucket, N, K): the first call of each
 shape benchmarks the configs (seconds), so warm up before capturing CUDA graphs. Under
@@ -27,6 +31,7 @@ TRITON_INTERPRET=1 one fixed small config runs and nothing is tuned.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -40,6 +45,154 @@ from ._triton import use_triton as _use_triton
 
 
 # ----------------------------------------------------------------------------- kernel
+
+@triton.jit
+def _i8_magic_f32(q):
+    # int8 -> fp32 without I2F (a quarter-rate instruction on sm_90, which caps an int8 GEMV
+    # below HBM speed): per 4 bytes one XOR flips the sign bits, then one PRMT per element builds
+    # the fp32 bit pattern 0x4B0000uu = 2^23 + 128 + q. The caller subtracts _MAGIC_F32 (exact).
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, m;
+        xor.b32 t, $4, 0x80808080;
+        mov.b32 m, 0x4B000000;
+        prmt.b32 $0, t, m, 0x7540;
+        prmt.b32 $1, t, m, 0x7541;
+        prmt.b32 $2, t, m, 0x7542;
+        prmt.b32 $3, t, m, 0x7543;
+        }""",
+        constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
+def _i8_fast_f16(q):
+    # int8 -> fp16, exact: per pair one PRMT builds fp16 0x64uu = 1024 + 128 + q, one HSUB2
+    # (f16x2) subtracts 1152.
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, m, c;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 m, 0x64646464;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, t, m, 0x4140;
+        prmt.b32 $1, t, m, 0x4342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""",
+        constraints="=r,=r,r", args=[q], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _i8_to(q, dtype: tl.constexpr, FAST_CVT: tl.constexpr):
+    """int8 tensor -> dtype, exactly (|q| <= 127 fits every float type here)."""
+    if FAST_CVT:
+        if dtype == tl.float16:
+            return _i8_fast_f16(q)
+        else:
+            return (_i8_magic_f32(q) - 8388736.0).to(dtype)
+    else:
+        return q.to(dtype)
+
+
+@triton.jit
+def _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0, stride_sc,
+                  COL_GROUP: tl.constexpr, VEC: tl.constexpr, FAST_CVT: tl.constexpr):
+    # acc [BLOCK_N, KC] += per-chunk sums of dequant(w) * x over the tile at k0;
+    # w int8 [BLOCK_N, KC, VEC], x [BLOCK_N, KC, VEC] (x broadcast over rows), kc [KC] chunk
+    # starts. Each thread holds whole VEC-chunks, so the sum over a chunk is an FFMA chain in
+    # registers; the cross-thread reduction waits until after the K loop.
+    if FAST_CVT:
+        wf = _i8_magic_f32(w) - 8388736.0
+    else:
+        wf = w.to(tl.float32)
+    xf = x.to(tl.float32)
+    if COL_GROUP == 0:                       # per-row scale, applied after the loop
+        acc += tl.sum(wf * xf, axis=2)
+    elif COL_GROUP % VEC == 0:               # a chunk lies in one column group
+        s = tl.load(s_rows[:, None] + ((k0 + kc) // COL_GROUP)[None, :] * stride_sc,
+                    mask=n_mask[:, None], other=0.0)
+        acc += tl.sum(wf * xf, axis=2) * s.to(tl.float32)
+    else:                                    # odd group widths: a scale per element
+        offs_v = tl.arange(0, VEC)
+        cols = (k0 + kc[:, None] + offs_v[None, :]) // COL_GROUP
+        s = tl.load(s_rows[:, None, None] + cols[None, :, :] * stride_sc,
+                    mask=n_mask[:, None, None], other=0.0)
+        acc += tl.sum(wf * s.to(tl.float32) * xf, axis=2)
+    return acc
+
+
+@triton.jit
+def _w8_gemv_load(w_ptrs, x_ptrs, n_mask, kk, K, k0, MASK_K: tl.constexpr):
+    if MASK_K:
+        k_mask = (kk < K - k0)[None, :, :]
+        w = tl.load(w_ptrs, mask=n_mask[:, None, None] & k_mask, other=0)
+        x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+    else:
+        w = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
+        x = tl.load(x_ptrs)
+    return w, x
+
+
+@triton.jit
+def _w8_gemv_kernel(
+    x_ptr,        # [M, K] activations, fp16 / bf16 / fp32
+    w_ptr,        # [N, K] int8
+    s_ptr,        # [G, C] scales, fp32 or fp16
+    b_ptr,        # [N] bias (unused unless HAS_BIAS)
+    y_ptr,        # [M, N] output
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sg, stride_sc, stride_ym, stride_yn,
+    rows_per_group,
+    m_bucket,                 # autotune key only
+    COL_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    FAST_CVT: tl.constexpr,   # PRMT-based int8 -> fp32 (inline PTX; off under the interpreter)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,        # elements per chunk (8: one 8-byte load of w, one 16-byte of x)
+    PREFETCH: tl.constexpr,   # load the next K-tile before converting the current one
+):
+    # M = 1 weight-only GEMV on CUDA cores (grid axis 1 walks the rows of x, each re-reading w,
+    # for tests and M > 1 configs). The tile is [BLOCK_N, BLOCK_K / VEC, VEC] and x is loaded
+    # through a pointer tensor of the same shape (row stride 0), so that Triton gives x and w the
+    # same layout: no shared-memory layout conversion (and no barrier) in the K loop.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    x_ptr += pid_m * stride_xm
+    y_ptr += pid_m * stride_ym
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    kc = tl.arange(0, BLOCK_K // VEC) * VEC                               # [KC] chunk starts
+    kk = kc[:, None] + tl.arange(0, VEC)[None, :]                          # [KC, VEC]
+    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + kk[None, :, :] * stride_wk
+    x_ptrs = x_ptr + (offs_n[:, None, None] * 0 + kk[None, :, :]) * stride_xk
+    s_rows = s_ptr + (offs_n // rows_per_group) * stride_sg                # [BLOCK_N]
+    acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
+    if PREFETCH:
+        w, x = _w8_gemv_load(w_ptrs, x_ptrs, n_mask, kk, K, 0, not EVEN_K)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w_ptrs += BLOCK_K * stride_wk
+            x_ptrs += BLOCK_K * stride_xk
+            w_next, x_next = _w8_gemv_load(w_ptrs, x_ptrs, n_mask, kk, K, k0, not EVEN_K)
+            acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0 - BLOCK_K, stride_sc,
+                                COL_GROUP, VEC, FAST_CVT)
+            w = w_next
+            x = x_next
+        k_last = ((K - 1) // BLOCK_K) * BLOCK_K
+        acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k_last, stride_sc,
+                            COL_GROUP, VEC, FAST_CVT)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            w, x = _w8_gemv_load(w_ptrs, x_ptrs, n_mask, kk, K, k0, not EVEN_K)
+            acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0, stride_sc,
+                                COL_GROUP, VEC, FAST_CVT)
+            w_ptrs += BLOCK_K * stride_wk
+            x_ptrs += BLOCK_K * stride_xk
+    y = tl.sum(acc, axis=1)                                                # [BLOCK_N]
+    if COL_GROUP == 0:
+        y = y * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n * stride_yn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
 
 @triton.jit
 def _linear_kernel(
@@ -60,6 +213,7 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,    # tiles of M per group in the launch order (L2 reuse of w)
     SWAP_AB: tl.constexpr,    # accumulate y.T = w @ x.T (weight tile as the first MMA operand)
+    FAST_CVT: tl.constexpr = False,  # PRMT-based int8 conversion (inline PTX; not interpreted)
 ):
     # grouped launch order (tutorial 03): GROUP_M row-tiles walk the same columns of w together
     pid = tl.program_id(0)
@@ -94,16 +248,25 @@ def _linear_kernel(
             w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
         if QUANT:
             if COL_GROUP == 0:      # scale is per row: applied to acc after the loop
-                w = w.to(x.dtype)
+                w = _i8_to(w, x.dtype, FAST_CVT)
             elif COL_GROUP % BLOCK_K == 0:  # the tile lies in one column group: one scale per row
                 s = tl.load(s_rows + (k0 // COL_GROUP) * stride_sc, mask=n_mask, other=0.0)
-                w = (w.to(tl.float32) * s.to(tl.float32)[:, None]).to(x.dtype)
+                w = _i8_to(w, x.dtype, FAST_CVT)   # exact; the scale multiplies this tile's dot
             else:                   # odd group widths: gather a scale per element
                 cols = (k0 + offs_k) // COL_GROUP
                 s = tl.load(s_rows[:, None] + cols[None, :] * stride_sc,
                             mask=n_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-                w = (w.to(tl.float32) * s.to(tl.float32)).to(x.dtype)
-        if SWAP_AB:
+                w = (_i8_to(w, tl.float32, FAST_CVT) * s.to(tl.float32)).to(x.dtype)
+        if QUANT and COL_GROUP != 0 and COL_GROUP % BLOCK_K == 0:
+            # int8 values times x exactly in the MMA, then the tile's partial sums times the
+            # column group's scale (fp32), as the dequantized weight would give
+            if SWAP_AB:
+                part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
+                acc += part * s.to(tl.float32)[:, None]
+            else:
+                part = tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+                acc += part * s.to(tl.float32)[None, :]
+        elif SWAP_AB:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
@@ -256,7 +419,11 @@ def _dequant_kernel(
 
 # ----------------------------------------------------------------------------- dispatch
 
-GEMV_MAX_M = 4                  # M <= 4: _gemv_kernel (CUDA cores, no x tile padded to 16 rows)
+INT8_GEMV_MAX_M = 1             # int8, M = 1: _w8_gemv_kernel or tl.dot, measured (_m1_path)
+INT8_M1_DEFAULT = "gemv"        # the M = 1 path for shapes first seen inside a CUDA-graph capture
+# int8 -> float conversion by PRMT byte permutes (inline PTX) instead of I2F; 0 turns it off
+FAST_CVT = os.environ.get("DSINFER_INT8_FAST_CVT", "1") != "0"
+GEMV_MAX_M = 4                  # fp16/bf16 weights, M <= 4: _gemv_kernel
 DECODE_MAX_M = 16               # M <= 16: _linear_kernel with the decode tiles
 # M >= this: dequantize w to the activations' dtype (one pass) and run cuBLAS. Measured on an
 # H200 (Llama-7B shapes): the fused kernel reaches 0.55-0.65x cuBLAS at M = 1024-4096 (no warp
@@ -303,6 +470,10 @@ _GEMV_TILES = {
         (4, 128, 4, False, False), (8, 128, 4, False, False), (16, 128, 4, True, True),
         (4, 128, 4, True, False), (16, 128, 4, False, False), (2, 128, 4, False, False)],
 }
+# _w8_gemv_kernel candidates (M = 1): (BLOCK_N, BLOCK_K, num_warps, PREFETCH)
+_W8_GEMV_TILES = [(8, 1024, 4, False), (16, 512, 4, False), (4, 1024, 4, False),
+                  (8, 512, 4, False), (16, 1024, 8, False), (4, 2048, 8, False)]
+_INTERPRET_W8_GEMV_TILE = (16, 32, 1, True)
 _INTERPRET_TILE = (16, 16, 32, False, 1, 1)   # small: the interpreter runs programs one by one
 _INTERPRET_GEMV_TILE = (16, 32, 1, False, False)
 
@@ -331,6 +502,14 @@ def _tuned(decode: bool, max_bk: int):
 
 
 @functools.lru_cache(maxsize=None)
+def _tuned_w8_gemv():
+    configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pf), num_warps=w, num_stages=1)
+               for bn, bk, w, pf in _W8_GEMV_TILES]
+    heur = triton.heuristics({"EVEN_K": _even_k})(_w8_gemv_kernel)
+    return triton.autotune(configs=configs, key=["N", "K", "COL_GROUP"])(heur)
+
+
+@functools.lru_cache(maxsize=None)
 def _tuned_gemv(block_m: int, max_bk: int):
     fits = [t for t in _GEMV_TILES[block_m] if t[1] <= max_bk][:6] or [(16, 16, 4, False, False)]
     configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pf, REDUCE_K=rk),
@@ -339,19 +518,57 @@ def _tuned_gemv(block_m: int, max_bk: int):
     return triton.autotune(configs=configs, key=["m_bucket", "N", "K"])(heur)
 
 
-def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None):
-    """x2 [M, K], w [N, K], y [M, N]. config (a tile tuple: 6 entries for _linear_kernel, 5 for
-    _gemv_kernel) bypasses autotuning (benchmarks, tests)."""
+_M1_PATH = {}   # (N, K, col_group, dtypes, strides) -> "gemv" | "dot": the faster at M = 1
+
+
+def _m1_path(x2, w, s, bias, y, col_group: int) -> str:
+    """int8 at M = 1: _w8_gemv_kernel (CUDA cores) or the tl.dot decode tiles (tensor cores, x
+    padded to 16 rows), whichever is faster on this GPU for this shape. Decided on the first call
+    of each shape with triton.testing.do_bench (after each kernel's own autotuning), like the
+    autotuner: warm up before capturing CUDA graphs. While capturing, undecided shapes use
+    INT8_M1_DEFAULT."""
+    key = (w.shape, col_group, x2.dtype, s.dtype, w.stride(), bias is not None)
+    path = _M1_PATH.get(key)
+    if path is None:
+        if torch.cuda.is_current_stream_capturing():
+            return INT8_M1_DEFAULT
+        times = {}
+        for p in ("gemv", "dot"):
+            fn = lambda p=p: _launch(x2, w, s, bias, y, True, col_group, path=p)  # noqa: E731
+            times[p] = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+        path = _M1_PATH[key] = min(times, key=times.get)
+    return path
+
+
+def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=None):
+    """x2 [M, K], w [N, K], y [M, N]. config (a tile tuple: 4 entries for _w8_gemv_kernel, 5 for
+    _gemv_kernel, 6 for _linear_kernel) bypasses autotuning (benchmarks, tests); path ("gemv" or
+    "dot") forces the int8 M = 1 choice."""
     M, K = x2.shape
     N = w.shape[0]
+    interp = _interpreting()
+    if config is None and quant and M <= INT8_GEMV_MAX_M and path is None:
+        path = "gemv" if interp else _m1_path(x2, w, s, bias, y, col_group)
     args = (x2, w, s if s is not None else w, bias if bias is not None else y, y, M, N, K,
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
             s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
             y.stride(0), y.stride(1),
             N // s.shape[0] if s is not None else 1, triton.next_power_of_2(M))
+    if (config is None and path == "gemv") or (config is not None and len(config) == 4):
+        flags = dict(COL_GROUP=col_group, HAS_BIAS=bias is not None,
+                     FAST_CVT=FAST_CVT and not interp, VEC=8)
+        if config is None and not interp:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)
+            _tuned_w8_gemv()[grid](*args, **flags)
+            return
+        bn, bk, warps, prefetch = config or _INTERPRET_W8_GEMV_TILE
+        _w8_gemv_kernel[(triton.cdiv(N, bn), M)](*args, **flags, EVEN_K=K % bk == 0, BLOCK_N=bn,
+                                               BLOCK_K=bk, PREFETCH=prefetch, num_warps=warps,
+                                               num_stages=1)
+        return
     flags = dict(QUANT=quant, COL_GROUP=col_group, HAS_BIAS=bias is not None)
-    interp = _interpreting()
-    if (config is None and M <= GEMV_MAX_M) or (config is not None and len(config) == 5):
+    if (config is None and not quant and M <= GEMV_MAX_M) or \
+            (config is not None and len(config) == 5):
         block_m = triton.next_power_of_2(M)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
@@ -363,6 +580,7 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None):
                                            REDUCE_K=reduce_k, num_warps=warps)
         return
     flags["DOT_PRECISION"] = "ieee" if x2.dtype == torch.float32 else "tf32"
+    flags["FAST_CVT"] = quant and FAST_CVT and not interp
     decode = M <= DECODE_MAX_M
     if config is None and not interp:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

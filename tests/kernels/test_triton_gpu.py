@@ -43,17 +43,34 @@ def quantized(n, k, groups, group_size, seed=0):
 
 # ----------------------------------------------------------------------------- correctness
 
-@pytest.mark.parametrize("nk", LLAMA)
-@pytest.mark.parametrize("m", [1, 4, 16, 256, 2048])      # GEMV kernel, tl.dot tiles, dequant
-@pytest.mark.parametrize("geometry", [(64, None), (1, 128)])     # row groups; 128-wide blocks
+@pytest.mark.parametrize("nk", LLAMA + [(2048, 4096), (7680, 2560)])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 256, 2048])   # M=1 picker, tl.dot tiles, dequant
+@pytest.mark.parametrize("geometry", [(64, None), (1, 128), ("pc", None), ("pc", 128)])
 def test_int8_linear(nk, m, geometry):
     n, k = nk
-    q, s = quantized(n, k, *geometry)
+    groups, gs = geometry
+    q, s = quantized(n, k, n if groups == "pc" else groups, gs)    # "pc": per output channel
     x = torch.randn(m, k, device=DEV, dtype=torch.float16)
     b = torch.randn(n, device=DEV, dtype=torch.float16) if m == 16 else None
     y = int8_gemm.int8_linear(x, q, s, b, out=poison((m, n), torch.float16))
     ref = int8_gemm.int8_linear_ref(x.float(), q, s, None if b is None else b.float())
     assert rel(y, ref) < TOL
+
+
+@pytest.mark.parametrize("nk", [(4096, 4096), (4096, 5504)])    # 5504: ragged last K-tile
+@pytest.mark.parametrize("geometry", [(64, None), ("pc", 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_int8_linear_m1_paths(nk, geometry, dtype, path, monkeypatch):
+    """Both M = 1 kernels, whichever the picker would choose (PRMT conversion, bias)."""
+    n, k = nk
+    groups, gs = geometry
+    q, s = quantized(n, k, n if groups == "pc" else groups, gs)
+    x = torch.randn(1, k, device=DEV, dtype=dtype)
+    b = torch.randn(n, device=DEV, dtype=dtype)
+    monkeypatch.setattr(int8_gemm, "_m1_path", lambda *a: path)
+    y = int8_gemm.int8_linear(x, q, s, b, out=poison((1, n), dtype))
+    assert rel(y, int8_gemm.int8_linear_ref(x.float(), q, s, b.float())) < TOL
 
 
 @pytest.mark.parametrize("m", [1, 2048])

@@ -79,10 +79,12 @@ GEOMETRIES = [(32, 64, 1, None), (32, 64, 4, 32), (32, 64, 32, None), (32, 64, 2
 # tiles other than the interpreter's defaults: _linear_kernel (BLOCK_M, BLOCK_N, BLOCK_K,
 # SWAP_AB, warps, stages), with the transposed product the GPU tables use, and _gemv_kernel
 # (BLOCK_N, BLOCK_K, warps, PREFETCH, REDUCE_K), one K-tile spanning two column groups
-# (per-element scales), one longer than K
+# (per-element scales), one longer than K; and _w8_gemv_kernel (BLOCK_N, BLOCK_K, warps,
+# PREFETCH), one row of x a program (K-tiles of 8-wide chunks: per-chunk column-group scales)
 TILES = [(16, 16, 32, True, 1, 1), (32, 16, 16, False, 1, 1), (8, 64, 1, False, False),
          (8, 64, 1, True, True), (4, 16, 1, True, False), (16, 16, 1, False, True),
-         (16, 128, 1, True, True)]
+         (16, 128, 1, True, True), (8, 64, 1, False), (16, 16, 1, True), (4, 128, 1, False),
+         (32, 32, 1, True)]
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)

@@ -1,0 +1,240 @@
+"""W8A16 GEMM (kernels.int8_linear) on a GPU: correctness and timings against cuBLAS fp16.
+
+Sweeps tile configs of each path (M = 1 CUDA-core GEMV, tl.dot decode tiles, old GEMV) over the
+Llama-7B / GPT-Neo-2.7B shapes (TP 1 and TP 2 halves) and the three scale geometries, each op
+replayed from a CUDA graph over weight copies rotated past L2; prints the best config per
+shape next to cuBLAS fp16 (F.linear on the fp16 weight) and writes everything to $OUT.
+Run from the repo root: python3 bench/kernels_gpu.py [--quick]
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dsinfer.kernels import int8_gemm as G
+from dsinfer.kernels import quantize_ref
+
+DEV = "cuda"
+OUT = os.environ.get("OUT", ".")
+SHAPES = [(4096, 4096), (12288, 4096), (11008, 4096), (22016, 4096), (4096, 11008),
+          (2048, 4096), (4096, 5504), (7680, 2560), (10240, 2560), (2560, 10240), (32000, 4096)]
+GEOMS = {"pc": lambda n: (n, None), "g64": lambda n: (64, None), "k128": lambda n: (n, 128)}
+LOG = []
+
+
+def log(line=""):
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def graph_us(fns, reps=20):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(7):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / (reps * len(fns)))
+    return sorted(ts)[len(ts) // 2]
+
+
+def copies(nbytes, total=160 * 2 ** 20):
+    return max(2, math.ceil(total / nbytes))
+
+
+def rel(out, ref):
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def copy_bw():
+    a = torch.empty(2 ** 28, device=DEV)
+    b = torch.empty_like(a)
+    import triton
+    b.copy_(a)
+    t = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=100, return_mode="median")
+    return 2 * a.numel() * 4 / t / 1e6
+
+
+def cfg_name(c):
+    if c is None:
+        return "default"
+    if len(c) == 4:
+        return "gemv%dx%d w%d%s" % (c[0], c[1], c[2], " pf" if c[3] else "")
+    if len(c) == 5:
+        return "old%dx%d" % (c[0], c[1])
+    return "dot%dx%dx%d%s w%d s%d" % (c[0], c[1], c[2], " sw" if c[3] else "", c[4], c[5])
+
+
+def fits(c, geom, k):
+    """A config the dispatcher would accept for this geometry (BLOCK_K within column groups)."""
+    if geom == "k128" and len(c) == 6 and c[2] > 128:
+        return False
+    if geom == "k128" and len(c) == 5 and c[1] > 128:
+        return False
+    return True
+
+
+def time_case(n, k, m, geom, configs, results, check=True, dtype=torch.float16):
+    groups, gs = GEOMS[geom](n)
+    nq = copies(n * k)
+    qs = [quantize_ref(torch.randn(n, k, device=DEV) * 0.02, groups, gs) for _ in range(nq)]
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    ref = G.int8_linear_ref(x.float(), *qs[0])
+    row = {}
+    for c in configs:
+        if c is not None and not fits(c, geom, k):
+            continue
+        name = cfg_name(c)
+        try:
+            if check:
+                y = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)
+                G.int8_linear(x, *qs[0], out=y, config=c)
+                torch.cuda.synchronize()
+                e = rel(y, ref)
+                if not e < 1e-2:
+                    log(f"  WRONG {n}x{k} M={m} {geom} {name}: rel {e:.3e}")
+                    row[name] = None
+                    continue
+            row[name] = graph_us([lambda q=q, s=s: G.int8_linear(x, q, s, config=c) for q, s in qs])
+        except Exception as ex:  # noqa: BLE001
+            log(f"  FAIL {n}x{k} M={m} {geom} {name}: {type(ex).__name__}: {str(ex)[:300]}")
+            row[name] = None
+    del qs
+    results[(n, k, m, geom)] = row
+    return row
+
+
+def cublas_us(n, k, m, dtype=torch.float16):
+    ws = [torch.randn(n, k, device=DEV, dtype=dtype) * 0.02 for _ in range(copies(2 * n * k))]
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    t = graph_us([lambda w=w: F.linear(x, w) for w in ws])
+    del ws
+    return t
+
+
+GEMV = list(G._W8_GEMV_TILES) + [(8, 512, 4, True), (32, 512, 8, False), (8, 2048, 8, False)]
+DOT1 = [(16, 32, 512, False, 4, 3), (16, 16, 1024, False, 4, 2), (16, 32, 256, False, 4, 4),
+        (16, 32, 128, False, 4, 6), (16, 64, 128, False, 4, 5)]
+DOTS = DOT1 + [(16, 16, 512, False, 4, 3), (16, 64, 256, False, 4, 4), (16, 128, 128, False, 4, 4),
+               (16, 32, 512, False, 8, 3), (16, 128, 128, True, 4, 3)]
+OLD = {"pc": (8, 1024, 4, False, False), "g64": (8, 1024, 4, False, False),
+       "k128": (8, 128, 4, False, False)}
+
+
+def main():
+    quick = "--quick" in sys.argv
+    global SHAPES, GEMV, DOT1, DOTS, GEOMS
+    tiny = "--tiny" in sys.argv
+    quick = quick or tiny
+    if quick:      # a short device lease: the shapes and configs that decide the defaults
+        SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (2048, 4096), (32000, 4096)]
+        GEOMS = {g: GEOMS[g] for g in ("pc", "k128")}
+        GEMV = [(8, 1024, 4, False), (16, 512, 4, False), (4, 1024, 4, False),
+                (16, 1024, 8, False)]
+        DOT1 = [(16, 32, 512, False, 4, 3), (16, 32, 128, False, 4, 6),
+                (16, 64, 128, False, 4, 5)]
+        DOTS = DOT1 + [(16, 16, 512, False, 4, 3)]
+    if tiny:
+        SHAPES = SHAPES[:3]
+        GEMV = GEMV[:3]
+        DOT1 = DOT1[:2]
+        DOTS = DOT1
+    t0 = time.time()
+    log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+        f"triton {__import__('triton').__version__}  SMs "
+        f"{torch.cuda.get_device_properties(0).multi_processor_count}")
+    bw = copy_bw()
+    log(f"copy bandwidth (read+write): {bw:.0f} GB/s")
+    res = {}
+    # ---- M = 1: every shape and geometry
+    log("\n== M = 1: us per call (int8 GB/s); best config; vs cuBLAS fp16 ==")
+    summary = []
+    for n, k in SHAPES:
+        tc = cublas_us(n, k, 1)
+        for geom in GEOMS:
+            cfgs = GEMV + DOT1 + [OLD[geom]]
+            row = time_case(n, k, 1, geom, cfgs, res)
+            ok = {a: b for a, b in row.items() if b is not None}
+            best = min(ok, key=ok.get) if ok else None
+            old = row.get(cfg_name(OLD[geom]))
+            bg = min((v for a, v in ok.items() if a.startswith("gemv")), default=float("nan"))
+            bd = min((v for a, v in ok.items() if a.startswith("dot")), default=float("nan"))
+            tb = ok.get(best, float("nan"))
+            log(f"{n:>6}x{k:<6} {geom:>4} cuBLAS {tc:6.2f} ({2*n*k/1e3/tc:5.0f}) | old "
+                f"{old or float('nan'):6.2f} {tc/(old or float('nan')):4.2f}x | best {tb:6.2f} "
+                f"({n*k/1e3/tb:5.0f}) {tc/tb:4.2f}x {best} | gemv {bg:6.2f} dot {bd:6.2f}")
+            summary.append(dict(n=n, k=k, m=1, geom=geom, cublas=tc, old=old, best=best,
+                                best_us=tb, row=row))
+        log(f"   [{time.time() - t0:.0f}s]")
+    # ---- M = 2..16
+    log("\n== M = 2..16 (dot tiles; old GEMV at M <= 4) ==")
+    shapes = [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[5]] if not quick else SHAPES[:2]
+    ms = (2, 4, 8, 16) if not quick else (2, 8, 16)
+    if tiny:
+        shapes, ms = SHAPES[:2], (8,)
+    for n, k in shapes:
+        for m in ms:
+            tc = cublas_us(n, k, m)
+            for geom in ("g64", "k128"):
+                cfgs = DOTS + ([OLD[geom]] if m <= 4 else []) + [GEMV[0]] * (m == 2 and False)
+                row = time_case(n, k, m, geom, cfgs, res)
+                ok = {a: b for a, b in row.items() if b is not None}
+                best = min(ok, key=ok.get) if ok else None
+                tb = ok.get(best, float("nan"))
+                top = sorted(ok.items(), key=lambda t: t[1])[:3]
+                log(f"{n:>6}x{k:<6} M={m:<2} {geom:>4} cuBLAS {tc:6.2f} | best {tb:6.2f} "
+                    f"({n*k/1e3/tb:5.0f}) {tc/tb:4.2f}x | " +
+                    "; ".join(f"{a} {b:.2f}" for a, b in top))
+                summary.append(dict(n=n, k=k, m=m, geom=geom, cublas=tc, best=best, best_us=tb,
+                                    row=row))
+        log(f"   [{time.time() - t0:.0f}s]")
+    # ---- prefill
+    if quick:
+        SHAPES_P = []
+    else:
+        SHAPES_P = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)]
+    log("\n== prefill M = 4096 (default path: dequant + cuBLAS), do_bench median us ==")
+    import triton
+    for n, k in SHAPES_P:
+        w16 = torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
+        for geom in ("g64", "k128"):
+            q, s = quantize_ref(w16.float(), *GEOMS[geom](n))
+            x = torch.randn(4096, k, device=DEV, dtype=torch.float16)
+            tc = triton.testing.do_bench(lambda: F.linear(x, w16), return_mode="median") * 1e3
+            ti = triton.testing.do_bench(lambda: G.int8_linear(x, q, s),
+                                         return_mode="median") * 1e3
+            e = rel(G.int8_linear(x, q, s), G.int8_linear_ref(x.float(), q, s))
+            log(f"{n:>6}x{k:<6} {geom:>4} cuBLAS {tc:7.1f} int8 {ti:7.1f} {tc/ti:4.2f}x "
+                f"rel {e:.1e}")
+            summary.append(dict(n=n, k=k, m=4096, geom=geom, cublas=tc, best="default",
+                                best_us=ti))
+    log(f"total {time.time() - t0:.0f}s")
+    with open(os.path.join(OUT, "kernels_gpu.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(OUT, "kernels_gpu.txt"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+
+
+if __name__ == "__main__":
+    main()
