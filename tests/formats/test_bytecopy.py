@@ -134,3 +134,23 @@ def test_cli_does_not_import_torch(tmp_path):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "o" / "dsinfer.json").is_file()
+
+
+@pytest.mark.parametrize("mode", ["buffered", "direct_refused_midway"])
+def test_buffered_output_and_fallback(tmp_path, monkeypatch, mode):
+    """Without O_DIRECT (tmpfs, or DSINFER_DIRECT_IO=0), and when a file system refuses a
+    direct write half-way, the same bytes come out."""
+    monkeypatch.setattr(bytecopy, "CHUNK", 4096)
+    if mode == "buffered":
+        monkeypatch.setattr(bytecopy, "DIRECT", False)
+    else:
+        real, calls = os.write, []
+
+        def write(fd, data):
+            calls.append(fd)
+            if len(calls) == 3:
+                raise OSError(22, "Invalid argument")
+            return real(fd, data)
+        monkeypatch.setattr(bytecopy.os, "write", write)
+    src = hf_models.save(hf_models.build("gpt2"), tmp_path / "hf")
+    _same_both_ways(src, tmp_path / "a", tp=2)
