@@ -421,8 +421,9 @@ def _dequant_kernel(
 
 INT8_GEMV_MAX_M = 1             # int8, M = 1: _w8_gemv_kernel or tl.dot, measured (_m1_path)
 INT8_M1_DEFAULT = "gemv"        # the M = 1 path for shapes first seen inside a CUDA-graph capture
-# int8 -> float conversion by PRMT byte permutes (inline PTX) instead of I2F; 0 turns it off
-FAST_CVT = os.environ.get("DSINFER_INT8_FAST_CVT", "1") != "0"
+# int8 -> float conversion by PRMT byte permutes (inline PTX) instead of I2F. Off by default
+# until a GPU run has checked it (the interpreter cannot run PTX): DSINFER_INT8_FAST_CVT=1 on.
+FAST_CVT = os.environ.get("DSINFER_INT8_FAST_CVT", "0") == "1"
 GEMV_MAX_M = 4                  # fp16/bf16 weights, M <= 4: _gemv_kernel
 DECODE_MAX_M = 16               # M <= 16: _linear_kernel with the decode tiles
 # M >= this: dequantize w to the activations' dtype (one pass) and run cuBLAS. Measured on an
