@@ -1,6 +1,7 @@
 """init_inference: the DeepSpeed-Inference entry point, on dsinfer's loader and TP modules."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import inspect
 import os
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from dsinfer import specs
-from dsinfer.log import info, one_line_errors, warn
+from dsinfer.log import failed, info, one_line_errors, warn
 from dsinfer.formats import CheckpointError
 from dsinfer.loading import RankSource, from_state_dict, open_rank_source
 from dsinfer.materialize import load_into
@@ -74,7 +75,22 @@ def init_group(tp_size: int) -> TPGroup:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        atexit.register(_close_group)
     return TPGroup(dist.get_rank(), dist.get_world_size(), None)
+
+
+def _close_group() -> None:
+    """At a clean interpreter exit, take down the process group we created: left to the
+    interpreter's teardown, gloo's worker threads can be destroyed while joinable, which aborts
+    the process ("terminate called without an active exception", SIGABRT) after a successful
+    run. No barrier (a peer may be gone), and nothing after a failure: then the launcher stops
+    the other ranks, and a teardown that waits on them must not delay that."""
+    if failed() or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:   # noqa: BLE001 - exiting anyway; the run's result is already decided
+        pass
 
 
 def _device() -> torch.device:

@@ -17,6 +17,14 @@ def info(msg: str, *args) -> None:
         logger.info(msg, *args)
 
 
+_FAILED = []   # set by the hook below: the process is ending on an uncaught exception
+
+
+def failed() -> bool:
+    """True once an uncaught exception is ending this process (atexit handlers ask)."""
+    return bool(_FAILED)
+
+
 def one_line_errors() -> None:
     """An uncaught CheckpointError (a bad checkpoint or option: the user's to fix) ends the
     process with its one-line message, as the CLIs do, instead of a traceback; every other
@@ -28,6 +36,7 @@ def one_line_errors() -> None:
         return
 
     def hook(kind, exc, tb):
+        _FAILED.append(kind)
         if isinstance(exc, CheckpointError):
             sys.stderr.write(f"dsinfer: error: {exc}\n")
         elif _peer_failure(exc):
