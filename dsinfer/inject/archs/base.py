@@ -90,3 +90,24 @@ class Adapter:
     def positions(self, attention_mask, start: int, S: int, B: int, device) -> torch.Tensor:
         """Default positions when the caller gives none: start .. start + S - 1 (as HF)."""
         return torch.arange(start, start + S, device=device).expand(B, S)
+
+
+class GPT2Layout(Adapter):
+    """Bodies laid out as GPT-2's (GPT-2, GPT-Neo, GPT-J): blocks in `h`, token embeddings
+    `wte` (also used for token types), learned positions `wpe` unless rotary, final `ln_f`."""
+    body = "transformer"
+    learned_positions = True
+
+    def layers(self, body):
+        return body.h
+
+    def embed(self, body, input_ids, inputs_embeds, positions, token_type_ids=None, **kwargs):
+        h = inputs_embeds if inputs_embeds is not None else body.wte(input_ids)
+        if self.learned_positions:
+            h = h + body.wpe(positions)
+        if token_type_ids is not None:
+            h = h + body.wte(token_type_ids.view(-1, h.shape[1]))
+        return h
+
+    def final_norm(self, body):
+        return norm_of(body.ln_f)

@@ -3,22 +3,17 @@ c_attn [q | k | v] (each rank holds its heads of each part, in that order), GELU
 learned absolute positions."""
 from __future__ import annotations
 
-from dsinfer.inject.archs.base import Adapter, Unsupported, act, lin, local, norm_of
+from dsinfer.inject.archs.base import GPT2Layout, Unsupported, act, lin, local, norm_of
 from dsinfer.inject.block import BlockConfig, BlockWeights
 
 
-class GPT2(Adapter):
-    body = "transformer"
-
+class GPT2(GPT2Layout):
     def check(self, config) -> None:
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             raise Unsupported("scale_attn_by_inverse_layer_idx")
         if getattr(config, "add_cross_attention", False):
             raise Unsupported("cross-attention")
         act(config.activation_function)
-
-    def layers(self, body):
-        return body.h
 
     def block_config(self, config, tp, index) -> BlockConfig:
         heads = config.n_head
@@ -31,13 +26,3 @@ class GPT2(Adapter):
         return BlockWeights(qkv=lin(layer.attn.c_attn), o=lin(layer.attn.c_proj),
                             up=lin(layer.mlp.c_fc), down=lin(layer.mlp.c_proj),
                             norm1=norm_of(layer.ln_1), norm2=norm_of(layer.ln_2))
-
-    def embed(self, body, input_ids, inputs_embeds, positions, token_type_ids=None, **kwargs):
-        h = inputs_embeds if inputs_embeds is not None else body.wte(input_ids)
-        h = h + body.wpe(positions)
-        if token_type_ids is not None:
-            h = h + body.wte(token_type_ids)
-        return h
-
-    def final_norm(self, body):
-        return norm_of(body.ln_f)

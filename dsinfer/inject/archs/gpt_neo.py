@@ -4,21 +4,16 @@ nothing), learned absolute positions (wpe), and per-layer global or local attent
 layer sees the keys at cache index j with i - j < window_size (HF's tril XOR tril(-window))."""
 from __future__ import annotations
 
-from dsinfer.inject.archs.base import Adapter, Unsupported, act, fused, lin, local, norm_of
+from dsinfer.inject.archs.base import GPT2Layout, Unsupported, act, fused, lin, local, norm_of
 from dsinfer.inject.block import BlockConfig, BlockWeights
 
 
-class GPTNeo(Adapter):
-    body = "transformer"
-
+class GPTNeo(GPT2Layout):
     def check(self, config) -> None:
         act(config.activation_function)
         kinds = set(config.attention_layers)
         if not kinds <= {"global", "local"}:
             raise Unsupported(f"attention layer types {sorted(kinds - {'global', 'local'})}")
-
-    def layers(self, body):
-        return body.h
 
     def block_config(self, config, tp, index) -> BlockConfig:
         heads = config.num_heads
@@ -38,13 +33,3 @@ class GPTNeo(Adapter):
         return BlockWeights(qkv=fused(a.q_proj, a.k_proj, a.v_proj), o=lin(a.out_proj),
                             up=lin(layer.mlp.c_fc), down=lin(layer.mlp.c_proj),
                             norm1=norm_of(layer.ln_1), norm2=norm_of(layer.ln_2))
-
-    def embed(self, body, input_ids, inputs_embeds, positions, token_type_ids=None, **kwargs):
-        h = inputs_embeds if inputs_embeds is not None else body.wte(input_ids)
-        h = h + body.wpe(positions)
-        if token_type_ids is not None:
-            h = h + body.wte(token_type_ids.view(-1, h.shape[1]))
-        return h
-
-    def final_norm(self, body):
-        return norm_of(body.ln_f)

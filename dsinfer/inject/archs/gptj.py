@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dsinfer.inject.archs.base import Adapter, Unsupported, act, fused, lin, local, norm_of
+from dsinfer.inject.archs.base import GPT2Layout, Unsupported, act, fused, lin, local, norm_of
 from dsinfer.inject.block import BlockConfig, BlockWeights
 
 
@@ -15,17 +15,14 @@ def _rotary_dim(config) -> int:
     return config.rotary_dim or config.n_embd
 
 
-class GPTJ(Adapter):
-    body = "transformer"
+class GPTJ(GPT2Layout):
+    learned_positions = False     # rotary
 
     def check(self, config) -> None:
         act(config.activation_function)
         head_dim = config.n_embd // config.n_head
         if _rotary_dim(config) > head_dim or _rotary_dim(config) % 2:
             raise Unsupported(f"rotary_dim {config.rotary_dim} with head size {head_dim}")
-
-    def layers(self, body):
-        return body.h
 
     def block_config(self, config, tp, index) -> BlockConfig:
         heads = config.n_head
@@ -40,15 +37,6 @@ class GPTJ(Adapter):
         return BlockWeights(qkv=fused(a.q_proj, a.k_proj, a.v_proj), o=lin(a.out_proj),
                             up=lin(layer.mlp.fc_in), down=lin(layer.mlp.fc_out),
                             norm1=norm_of(layer.ln_1))
-
-    def embed(self, body, input_ids, inputs_embeds, positions, token_type_ids=None, **kwargs):
-        h = inputs_embeds if inputs_embeds is not None else body.wte(input_ids)
-        if token_type_ids is not None:
-            h = h + body.wte(token_type_ids.view(-1, h.shape[1]))
-        return h
-
-    def final_norm(self, body):
-        return norm_of(body.ln_f)
 
     def rotary_inv_freq(self, body):
         """[rotary_dim / 2] fp32, by HF's create_sinusoidal_positions recipe (int64 arange / dim,
