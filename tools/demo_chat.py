@@ -1,5 +1,6 @@
 """One rank of the demo: load the pre-sharded int8 SmolLM2 into a meta-device model with
-init_inference and answer a question; rank 0 also compares with fp32 HF at TP 1."""
+init_inference (kernel injection: fused blocks, which run the kernels' torch references on a
+CPU) and answer a question; rank 0 also compares with fp32 HF at TP 1."""
 from __future__ import annotations
 
 import os
@@ -22,7 +23,9 @@ def main() -> int:
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(config)
     t = time.perf_counter()
-    engine = dsinfer.init_inference(model, tensor_parallel={"tp_size": world}, checkpoint=ckpt)
+    engine = dsinfer.init_inference(model, tensor_parallel={"tp_size": world}, checkpoint=ckpt,
+                                    replace_with_kernel_inject=True)   # fused blocks
+    fused = sum(type(m).__name__ == "BlockModule" for m in engine.module.modules())
     load_s = time.perf_counter() - t
     prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}],
                                      add_generation_prompt=True, return_tensors="pt",
@@ -35,7 +38,7 @@ def main() -> int:
         logits = engine.module(**prompt).logits[0, -1]
     if rank != 0:
         return 0
-    print(f"rank 0/{world}: loaded its int8 shard in {load_s:.2f} s; "
+    print(f"rank 0/{world}: loaded its int8 shard in {load_s:.2f} s ({fused} fused blocks); "
           f"{out.shape[1] - prompt['input_ids'].shape[1]} tokens in {gen_s:.1f} s")
     print(f"Q: {QUESTION}\nA: {answer}")
     ref = tf.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
