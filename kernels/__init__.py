@@ -10,12 +10,12 @@ __all__ = ["QMAX", "check_geometry", "dequantize_ref", "quantize_ref"]
 from .activations import ACTIVATIONS, bias_act, bias_act_ref, silu_mul, silu_mul_ref
 from .attention import (attention_ref, decode_attention, decode_attention_ref, prefill_attention,
                         prefill_attention_ref, write_kv)
-from .int8_gemm import dequantize, gemv, int8_linear, int8_linear_ref, linear_ref
+from .int8_gemm import decode_linear, dequantize, gemv, int8_linear, int8_linear_ref, linear_ref
 from .norms import NORMS, add_norm, add_norm_ref
 from .rotary import STYLES, apply_rotary, apply_rotary_ref, rotary_cache
 
 __all__ += ["ACTIVATIONS", "bias_act", "bias_act_ref", "silu_mul", "silu_mul_ref",
             "attention_ref", "decode_attention", "decode_attention_ref", "prefill_attention",
-            "prefill_attention_ref", "write_kv", "dequantize", "gemv", "int8_linear",
+            "prefill_attention_ref", "write_kv", "decode_linear", "dequantize", "gemv", "int8_linear",
             "int8_linear_ref", "linear_ref", "NORMS", "add_norm", "add_norm_ref", "STYLES",
             "apply_rotary", "apply_rotary_ref", "rotary_cache"]
