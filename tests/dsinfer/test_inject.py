@@ -10,6 +10,7 @@ import transformers as tf
 
 import dsinfer
 from dsinfer.formats import CheckpointError
+from dsinfer.inject.decoder import CACHE_FIELD
 from dsinfer.reshard import reshard
 from helpers import hf_models
 from test_runtime import CAUSAL, SUPPORT, launch, results, workdir  # noqa: F401 (fixture)
@@ -50,12 +51,12 @@ def test_manual_decode_with_returned_cache():
     with torch.no_grad():
         full = ref(ids).logits[:, -1]
         out = engine.module(ids[:, :-1], use_cache=True)
-        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
-        step = engine.module(ids[:, -1:], **{"past_key_values": cache}).logits[:, -1]
+        cache = out[CACHE_FIELD]               # `cache` in newer transformers, else past_key_values
+        step = engine.module(ids[:, -1:], **{CACHE_FIELD: cache}).logits[:, -1]
         assert rel(full, step) <= 1e-4
         engine.module(ids)                                   # a new sequence ...
         with pytest.raises(CheckpointError, match="earlier sequence"):
-            engine.module(ids[:, -1:], past_key_values=cache)   # ... retires the old cache
+            engine.module(ids[:, -1:], **{CACHE_FIELD: cache})   # ... retires the old cache
 
 
 def test_cache_grows_past_max_out_tokens():
