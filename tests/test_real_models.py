@@ -137,6 +137,29 @@ def test_minilm_embeddings(minilm):
         assert sim[i, j] > 0.5 and sim[i, j] > closest_other + 0.2, (i, j)
 
 
+def test_fused_blocks_on_real_models(smollm2, minilm):
+    """Kernel injection on the two real checkpoints: SmolLM2 (GQA 9/3 heads, tied embeddings)
+    gives HF's logits and answer; MiniLM's fused BERT encoder gives HF's sentence embeddings."""
+    import copy
+
+    import dsinfer
+    model, tok = smollm2
+    engine = dsinfer.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True)
+    enc = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    with torch.no_grad():
+        a, b = model(**enc).logits, engine.module(**enc).logits
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-4
+    kw = dict(max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(**enc, **kw), engine.module.generate(**enc, **kw))
+    bert, btok = minilm
+    fused = dsinfer.init_inference(copy.deepcopy(bert), replace_with_kernel_inject=True)
+    assert any(type(m).__name__ == "BlockModule" for m in fused.module.modules())
+    want = mean_pooled_embeddings(bert, btok, SENTENCES)
+    got = mean_pooled_embeddings(fused.module, btok, SENTENCES)
+    assert torch.allclose(want, got, atol=1e-5), (want - got).abs().max()
+
+
 # ----------------------------------------------------------------------------- the cache
 
 def test_cache_reused_without_pip(smollm2_dir, monkeypatch):

@@ -44,6 +44,40 @@ def test_fused_blocks_equal_hf_in_process(arch):
     assert torch.equal(ref.generate(ids, **beams), engine.module.generate(ids, **beams))
 
 
+VARIANTS = [
+    ("mistral", dict(sliding_window=6)),                  # windows shorter than the prompt
+    ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                   rope_theta=500000.0)),
+    ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    ("llama", dict(attention_bias=True, mlp_bias=True)),
+    ("gpt2", dict(scale_attn_weights=False)),
+]
+
+
+@pytest.mark.parametrize("arch,overrides", VARIANTS,
+                         ids=[f"{a}-{'-'.join(o)}" for a, o in VARIANTS])
+def test_config_variants(arch, overrides):
+    ref = hf_models.build(arch, **overrides)
+    engine = dsinfer.init_inference(copy.deepcopy(ref), replace_with_kernel_inject=True)
+    assert injected(engine.module)
+    x = hf_models.inputs(ref, seq=24)
+    with torch.no_grad():
+        assert rel(ref(**x).logits, engine.module(**x).logits) <= 1e-4
+    ids = x["input_ids"]
+    assert torch.equal(ref.generate(ids, **GEN), engine.module.generate(ids, **GEN))
+
+
+def test_uncovered_variant_keeps_the_torch_modules():
+    ref = hf_models.build("opt", do_layer_norm_before=False)      # OPT-350m's post-norm
+    engine = dsinfer.init_inference(copy.deepcopy(ref), replace_with_kernel_inject=True)
+    assert not injected(engine.module)
+    x = hf_models.inputs(ref)
+    with torch.no_grad():
+        assert rel(ref(**x).logits, engine.module(**x).logits) <= 1e-4
+
+
 def test_manual_decode_with_returned_cache():
     ref = hf_models.build("llama")
     engine = dsinfer.init_inference(copy.deepcopy(ref), replace_with_kernel_inject=True)
