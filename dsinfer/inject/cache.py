@@ -57,6 +57,7 @@ class KVBuffers:
 class StepCache:
     """Duck-types the parts of transformers' Cache that generation reads."""
     is_compileable = False
+    is_croppable = True       # assisted decoding rolls rejected candidate tokens back (crop)
 
     def __init__(self, owner, epoch: int, layers: int, length: int = 0,
                  key_mask: Optional[torch.Tensor] = None):
@@ -95,11 +96,11 @@ class StepCache:
         raise CheckpointError("dsinfer's fused cache cannot drop rows mid-generation "
                               "(contrastive search); use replace_with_kernel_inject=False")
 
-    def crop(self, max_length: int) -> None:
+    def crop(self, n: int) -> None:
+        """n <= 0: drop the last -n positions (transformers >= 5.2x; crop(0) changes nothing);
+        n > 0: keep the first n (older transformers: the absolute length)."""
         self.check_live()
-        if max_length < 0:
-            max_length = self.length + max_length
-        self.length = min(self.length, max_length)
+        self.length = min(self.length, n if n > 0 else self.length + n)
         if self.key_mask is not None:
             self.key_mask = self.key_mask[:, :self.length]
 

@@ -78,6 +78,23 @@ def test_uncovered_variant_keeps_the_torch_modules():
         assert rel(ref(**x).logits, engine.module(**x).logits) <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_assisted_and_sampled_generation(arch):
+    """Prompt-lookup decoding verifies several tokens per step and rolls the rejected ones back
+    (cache.crop); sampling with num_return_sequences expands the batch before the first step."""
+    ref = hf_models.build(arch)
+    engine = dsinfer.init_inference(copy.deepcopy(ref), replace_with_kernel_inject=True)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([ids, ids, ids], dim=1)             # repeats: lookup finds candidates
+    for extra in (dict(prompt_lookup_num_tokens=3),
+                  dict(do_sample=True, top_k=5, num_return_sequences=2)):
+        kw = {**GEN, **extra, "pad_token_id": 0}
+        torch.manual_seed(0)
+        want = ref.generate(ids, **kw)
+        torch.manual_seed(0)
+        assert torch.equal(want, engine.module.generate(ids, **kw)), extra
+
+
 def test_manual_decode_with_returned_cache():
     ref = hf_models.build("llama")
     engine = dsinfer.init_inference(copy.deepcopy(ref), replace_with_kernel_inject=True)
