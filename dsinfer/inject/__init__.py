@@ -16,6 +16,7 @@ from dsinfer.inject.archs import adapter_for
 from dsinfer.inject.archs.base import Unsupported
 from dsinfer.inject.block import FusedBlock
 from dsinfer.inject.decoder import FusedDecoder
+from dsinfer.formats import CheckpointError
 from dsinfer.log import info, warn
 from dsinfer.tp import TPGroup
 
@@ -51,6 +52,28 @@ def _float_dtype(model) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def _fuse_layers(adapter, layers: torch.nn.ModuleList, configs, tp: TPGroup):
+    """Builds each fused block and puts it in place of its HF block at once, so the unfused
+    copies (separate Q/K/V, gate/up) are freed layer by layer: the peak is the model plus one
+    layer's fused weights, not plus all of them. Unsupported on the first layer leaves the
+    model untouched (the caller falls back); on a later one it would leave a half-fused model,
+    which is an error."""
+    blocks = []
+    for i, cfg in enumerate(configs):       # by index: holding a list of layers would keep them
+        try:
+            weights = adapter.block_weights(layers[i])
+        except Unsupported as e:
+            if i == 0:
+                raise
+            raise CheckpointError(f"layer {i} cannot be fused ({e}) while layers 0..{i - 1} "
+                                  "were: its weights differ in kind from the first layer's; "
+                                  "use replace_with_kernel_inject=False") from None
+        blocks.append(FusedBlock(cfg, weights, tp, i))
+        layers[i] = BlockModule(blocks[-1])   # drops the HF block and its unfused weights
+        del weights
+    return blocks
+
+
 def inject(model: torch.nn.Module, spec, tp: TPGroup, device: torch.device,
            max_out_tokens: int = 1024, cuda_graph: bool = False) -> bool:
     adapter = adapter_for(spec.name)
@@ -61,15 +84,12 @@ def inject(model: torch.nn.Module, spec, tp: TPGroup, device: torch.device,
     try:
         adapter.check(model.config)
         layers = adapter.layers(body)
-        blocks = [FusedBlock(adapter.block_config(model.config, tp, i),
-                             adapter.block_weights(layer), tp, i)
-                  for i, layer in enumerate(layers)]
+        configs = [adapter.block_config(model.config, tp, i) for i in range(len(layers))]
+        blocks = _fuse_layers(adapter, layers, configs, tp)
     except Unsupported as e:
         warn(f"dsinfer: fused blocks do not cover this {spec.name} model ({e}); running the "
              "tensor-parallel torch modules")
         return False
-    for i, block in enumerate(blocks):
-        layers[i] = BlockModule(block)        # drops the HF block and its unfused weights
     decoder = FusedDecoder(adapter, body, blocks, tp, max_out_tokens, _float_dtype(model), device)
     body.forward = decoder.forward
     body.dsinfer_decoder = decoder

@@ -95,6 +95,33 @@ def test_assisted_and_sampled_generation(arch):
         assert torch.equal(want, engine.module.generate(ids, **kw)), extra
 
 
+def test_unfused_weights_are_freed_layer_by_layer(monkeypatch):
+    """The peak while injecting is the model plus one layer's fused copies: when layer i is
+    fused, the HF blocks of layers 0..i-1 (and their separate Q/K/V weights) are gone."""
+    import gc
+    import weakref
+
+    from dsinfer.inject.archs.llama import Llama
+    model = hf_models.build("llama", num_hidden_layers=4)
+    refs, alive_at = [], []
+    real_layers, real_weights = Llama.layers, Llama.block_weights
+
+    def layers(self, body):          # the loaded (tensor-parallel) layers, before fusing
+        found = real_layers(self, body)
+        refs.extend(weakref.ref(layer.self_attn.q_proj) for layer in found)
+        return found
+
+    def block_weights(self, layer):
+        gc.collect()
+        alive_at.append(sum(r() is not None for r in refs))
+        return real_weights(self, layer)
+    monkeypatch.setattr(Llama, "layers", layers)
+    monkeypatch.setattr(Llama, "block_weights", block_weights)
+    engine = dsinfer.init_inference(model, replace_with_kernel_inject=True)
+    assert injected(engine.module)
+    assert alive_at == [4, 3, 2, 1], alive_at
+
+
 def test_manual_decode_with_returned_cache():
     ref = hf_models.build("llama")
     engine = dsinfer.init_inference(copy.deepcopy(ref), replace_with_kernel_inject=True)
