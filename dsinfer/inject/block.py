@@ -57,10 +57,10 @@ class Step:
     start: int                         # cache index of the first new token
     cache_k: Optional[torch.Tensor]    # [layers, B, Hkv, max_len, D] or None (no cache)
     cache_v: Optional[torch.Tensor]
-    starts: Optional[torch.Tensor]     # [B] int32 == start (device side, graph-safe)
+    starts: Optional[torch.Tensor]     # [B] int32 == start (device side, graph-safe): the
+                                       # cache index of the first new token
     lengths: Optional[torch.Tensor]    # [B] int32 == start + S
     key_mask: Optional[torch.Tensor]   # [B, start + S] bool, False = padding; None = no padding
-    slots: Optional[torch.Tensor] = None  # [S] int64 cache indices of the new tokens
     cos: Optional[torch.Tensor] = None  # [max_pos, rotary_dim / 2] fp32
     sin: Optional[torch.Tensor] = None
     alibi: Optional[torch.Tensor] = None  # [Hq local] fp32 slopes
@@ -74,54 +74,53 @@ class FusedBlock:
     def _norm(self, x, residual, norm: Norm):
         return kernels.add_norm(x, residual, norm[0], norm[1], self.cfg.eps, self.cfg.norm)
 
-    def _qkv(self, x: torch.Tensor, step: Step):
-        c = self.cfg
-        B, S, _ = x.shape
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, hidden] -> qkv [B, S, (Hq + 2 Hkv) D] in the adapter's layout (+ bias)."""
         qkv = self.w.qkv.matmul(x)
         if self.w.qkv.bias is not None:
             qkv.add_(self.w.qkv.bias)
-        if c.qkv_layout == "per_head":                     # [B, S, H, 3, D]
-            qkv = qkv.view(B, S, c.heads, 3, c.head_dim)
-            q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        else:
-            q, k, v = qkv.split([c.heads * c.head_dim, c.kv_heads * c.head_dim,
-                                 c.kv_heads * c.head_dim], dim=-1)
-            q = q.view(B, S, c.heads, c.head_dim)
-            k = k.view(B, S, c.kv_heads, c.head_dim)
-            v = v.view(B, S, c.kv_heads, c.head_dim)
-        if c.rotary and c.qkv_layout == "packed":
-            # q and k are neighbours in qkv's rows: one in-place launch over [B, S, Hq+Hkv, D]
-            qk = qkv[..., :(c.heads + c.kv_heads) * c.head_dim].view(
-                B, S, c.heads + c.kv_heads, c.head_dim)
-            kernels.apply_rotary(qk, step.cos, step.sin, step.positions, c.rotary,
-                                 c.rotary_dim, inplace=True)
-        elif c.rotary:
-            q = kernels.apply_rotary(q, step.cos, step.sin, step.positions, c.rotary, c.rotary_dim)
-            k = kernels.apply_rotary(k, step.cos, step.sin, step.positions, c.rotary, c.rotary_dim)
-        return q, k, v
+        return qkv
+
+    def _heads(self, qkv: torch.Tensor):
+        c = self.cfg
+        return kernels.split_heads(qkv, c.heads, c.kv_heads, c.head_dim, c.qkv_layout)
+
+    def _rotary(self, step: Step):
+        """cos, sin, style, rotary_dim for kernels.qkv_to_cache (no tables: no RoPE)."""
+        c = self.cfg
+        if not c.rotary:
+            return None, None, "neox", 0
+        return step.cos, step.sin, c.rotary, c.rotary_dim
 
     def attention(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """x [B, S, hidden] (normed) -> attention output [B, S, hidden] before o's TP sum."""
         c = self.cfg
         B, S, _ = x.shape
-        q, k, v = self._qkv(x, step)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, S, D]
-        if step.cache_k is None:
-            o = self._attend(q, k, v, step)
+        qkv = self._qkv(x)
+        if step.cache_k is None:                       # no cache (encoder, use_cache=False)
+            o = self._attend_uncached(qkv, step)
         else:
             kc, vc = step.cache_k[self.index], step.cache_v[self.index]
-            kc.index_copy_(2, step.slots, k)               # rows share one start: one copy
-            vc.index_copy_(2, step.slots, v)
-            if step.start == 0:
-                o = self._attend(q, k, v, step)
-            elif step.key_mask is None:
+            # one launch: RoPE on q (in place in qkv) and k, k and v into the cache slots
+            kernels.qkv_to_cache(qkv, kc, vc, step.starts, step.positions, c.heads,
+                                 c.kv_heads, c.head_dim, c.qkv_layout, *self._rotary(step))
+            q = self._heads(qkv)[0].transpose(1, 2)    # [B, Hq, S, D]
+            end = step.start + S
+            if step.start > 0 and step.key_mask is None:
                 o = kernels.decode_attention(q, kc, vc, step.lengths, c.scale, step.alibi,
                                              c.window)
-            else:
-                end = step.start + S
+            else:                                      # prefill, or a padded batch
                 o = self._attend(q, kc[:, :, :end], vc[:, :, :end], step)
         o = o.transpose(1, 2).reshape(B, S, c.heads * c.head_dim)
         return self.w.o.matmul(o)
+
+    def _attend_uncached(self, qkv: torch.Tensor, step: Step) -> torch.Tensor:
+        c = self.cfg
+        q, k, v = self._heads(qkv)
+        if c.rotary:
+            q = kernels.apply_rotary(q, step.cos, step.sin, step.positions, c.rotary, c.rotary_dim)
+            k = kernels.apply_rotary(k, step.cos, step.sin, step.positions, c.rotary, c.rotary_dim)
+        return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), step)
 
     def _attend(self, q, k, v, step: Step) -> torch.Tensor:
         """Queries = the last S of the Sk key positions, through SDPA (prefill, padded rows)."""

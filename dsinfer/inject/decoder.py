@@ -124,10 +124,8 @@ class FusedDecoder:
             if starts is None:
                 starts = torch.full((B,), start, dtype=torch.int32, device=self.device)
                 lengths = starts + S
-        slots = None if starts is None else \
-            starts[:1].long() + torch.arange(S, device=self.device)
         return Step(positions.to(self.device).long(), start, ck, cv, starts, lengths, key_mask,
-                    slots, self.cos, self.sin, self.alibi)
+                    self.cos, self.sin, self.alibi)
 
     # ------------------------------------------------------------------ helpers
     def _incoming_cache(self, kwargs) -> Optional[StepCache]:

@@ -189,3 +189,22 @@ def test_fused_blocks_under_the_launcher(world, workdir, tmp_path):  # noqa: F81
             assert r["injected"], (rank, case)
             assert r["rel_err"] <= (2e-2 if ":int8" in case else 1e-4), (rank, case, r["rel_err"])
             assert r["generate_same"], (rank, case)
+
+
+def test_fused_blocks_through_the_triton_kernels():
+    """The same blocks with their Triton kernels (interpreter, CPU) instead of the references:
+    add+norm, activations, int8/fp GEMV where chosen, QKV -> cache with RoPE, decode attention."""
+    import json
+    import os
+    import subprocess
+    import sys
+    archs = ["llama", "gpt2", "gpt_neox", "gptj", "bloom", "gpt_neo", "opt", "llama:int8",
+             "gpt2:int8"]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SUPPORT)}
+    r = subprocess.run([sys.executable, str(SUPPORT / "inject_triton_worker.py"), *archs],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [row["arch"] for row in rows] == archs
+    for row in rows:
+        assert row["injected"] and row["rel_err"] <= 1e-4 and row["generate_same"], row

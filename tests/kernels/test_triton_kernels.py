@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 from dsinfer.kernels import (activations, attention, dequantize_ref,  # noqa: E402
-                             int8_gemm, norms, quantize_ref, rotary)
+                             int8_gemm, kv_write, norms, quantize_ref, rotary)
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 DTYPES = [torch.float32, torch.float16]
@@ -252,6 +252,41 @@ def test_rotary(style, rotary_dim, dtype, layout, inplace, gen):
     if inplace:
         assert y.data_ptr() == x_in.data_ptr()
     check(y, ref, dtype, gen[1], f"rotary {style} {rotary_dim} {layout}")
+
+
+# (layout, heads, kv heads): GQA packed [q | k | v], MHA packed, per-head interleaved [q k v]
+QKV_LAYOUTS = [("packed", 4, 2), ("packed", 3, 3), ("per_head", 3, 3)]
+
+
+@pytest.mark.parametrize("layout,heads,kv_heads", QKV_LAYOUTS)
+@pytest.mark.parametrize("rope", [None, ("neox", 24), ("neox", 8), ("gptj", 12)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S", [1, 3])
+def test_qkv_to_cache(layout, heads, kv_heads, rope, dtype, S, gen):
+    B, D, max_len, start = 2, 24, 16, 5
+    qkv = randn(gen, B, S, (heads + 2 * kv_heads) * D, dtype=dtype)
+    k_cache = randn(gen, B, kv_heads, max_len, D, dtype=dtype)   # other slots must stay
+    v_cache = randn(gen, B, kv_heads, max_len, D, dtype=dtype)
+    pos = torch.randint(0, 40, (B, S), generator=gen[0])
+    cos, sin = rotary.rotary_cache(64, rope[1]) if rope else (None, None)
+    style, rdim = rope if rope else ("neox", 0)
+    slot = torch.tensor([start], dtype=torch.int32)
+    want = [t.clone().double() for t in (qkv, k_cache, v_cache)]
+    kv_write.qkv_to_cache_ref(*want, slot, pos, heads, kv_heads, D, layout,
+                              None if cos is None else cos.double(),
+                              None if sin is None else sin.double(), style, rdim)
+    kv_write.qkv_to_cache(qkv, k_cache, v_cache, slot, pos, heads, kv_heads, D, layout, cos,
+                          sin, style, rdim)
+    for got, ref, name in zip((qkv, k_cache, v_cache), want, ("qkv", "k_cache", "v_cache")):
+        check(got, ref, dtype, gen[1], f"qkv_to_cache {layout} {rope} {name}")
+
+
+def test_qkv_to_cache_rejects_bad_shapes():
+    qkv = torch.zeros(1, 1, 5 * 8)
+    cache = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="qkv must be"):
+        kv_write.qkv_to_cache(qkv, cache, cache, torch.zeros(1, dtype=torch.int32),
+                              torch.zeros(1, 1, dtype=torch.long), 2, 2, 8)
 
 
 def test_rotary_cache_matches_hf_angles():
