@@ -699,26 +699,27 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
 _FP_DECODE_PATH = {}   # (N, K, dtype, rows) -> "triton" | "cublas": the faster, measured once
 
 
-def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ w [N, K].T for fp16/bf16 weights: at decode sizes (rows <= DECODE_MAX_M) on
+def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+    """x [..., K] @ w [N, K].T (+ bias) for fp16/bf16 weights: at decode sizes (rows <= DECODE_MAX_M) on
     a GPU, the Triton GEMV or cuBLAS, whichever measured faster for this shape on its first
     call (do_bench, like the autotuner: warm up before capturing CUDA graphs; an unmeasured
     shape inside a capture takes cuBLAS). Elsewhere F.linear."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not (x.is_cuda and HAS_TRITON) or rows > DECODE_MAX_M or w.dtype != x.dtype \
             or x.dtype == torch.float32:
-        return F.linear(x, w)
-    key = (tuple(w.shape), x.dtype, rows, w.stride())
+        return F.linear(x, w, bias)
+    key = (tuple(w.shape), x.dtype, rows, w.stride(), bias is not None)
     path = _FP_DECODE_PATH.get(key)
     if path is None:
         if torch.cuda.is_current_stream_capturing():
-            return F.linear(x, w)
-        times = {"triton": triton.testing.do_bench(lambda: gemv(x, w), warmup=10, rep=40,
+            return F.linear(x, w, bias)
+        times = {"triton": triton.testing.do_bench(lambda: gemv(x, w, bias), warmup=10, rep=40,
                                                    return_mode="median"),
-                 "cublas": triton.testing.do_bench(lambda: F.linear(x, w), warmup=10, rep=40,
-                                                   return_mode="median")}
+                 "cublas": triton.testing.do_bench(lambda: F.linear(x, w, bias), warmup=10,
+                                                   rep=40, return_mode="median")}
         path = _FP_DECODE_PATH[key] = min(times, key=times.get)
-    return gemv(x, w) if path == "triton" else F.linear(x, w)
+    return gemv(x, w, bias) if path == "triton" else F.linear(x, w, bias)
 
 
 # ----------------------------------------------------------------------------- references

@@ -76,10 +76,7 @@ class FusedBlock:
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden] -> qkv [B, S, (Hq + 2 Hkv) D] in the adapter's layout (+ bias)."""
-        qkv = self.w.qkv.matmul(x)
-        if self.w.qkv.bias is not None:
-            qkv.add_(self.w.qkv.bias)
-        return qkv
+        return self.w.qkv.matmul(x, bias=True)
 
     def _heads(self, qkv: torch.Tensor):
         c = self.cfg
@@ -112,7 +109,7 @@ class FusedBlock:
             else:                                      # prefill, or a padded batch
                 o = self._attend(q, kc[:, :, :end], vc[:, :, :end], step)
         o = o.transpose(1, 2).reshape(B, S, c.heads * c.head_dim)
-        return self.w.o.matmul(o)
+        return self.w.o.matmul(o, bias=self.tp.size == 1)
 
     def _attend_uncached(self, qkv: torch.Tensor, step: Step) -> torch.Tensor:
         c = self.cfg
@@ -135,17 +132,17 @@ class FusedBlock:
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden] (normed) -> MLP output before down's TP sum."""
-        h = self.w.up.matmul(x)
         if self.cfg.act == "silu_gate":
-            if self.w.up.bias is not None:
-                h.add_(self.w.up.bias)
-            h = kernels.silu_mul(h)
+            h = kernels.silu_mul(self.w.up.matmul(x, bias=True))
         else:
-            h = kernels.bias_act(h, self.w.up.bias, self.cfg.act)
-        return self.w.down.matmul(h)
+            h = kernels.bias_act(self.w.up.matmul(x), self.w.up.bias, self.cfg.act)
+        return self.w.down.matmul(h, bias=self.tp.size == 1)
 
     def _finish(self, y: torch.Tensor, *lins: Lin) -> torch.Tensor:
-        """TP sum of rowwise partials, then their biases (added once, after the sum)."""
+        """TP sum of rowwise partials, then their biases (added once, after the sum). At TP 1
+        the GEMMs already added them (epilogue), and there is nothing to sum."""
+        if self.tp.size == 1:
+            return y
         self.tp.all_reduce(y)
         for lin in lins:
             if lin.bias is not None:

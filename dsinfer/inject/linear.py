@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from dsinfer import kernels
-from dsinfer.tp import ParallelLinear, TPGroup
+from dsinfer.tp import ParallelLinear
 
 
 class Lin:
@@ -30,17 +30,13 @@ class Lin:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out] without the TP sum or the bias."""
+    def matmul(self, x: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        """x [..., in] -> [..., out] without the TP sum; with the bias in the GEMM's epilogue
+        if `bias` (never for a rowwise layer at TP > 1: its bias follows the sum)."""
+        b = self.bias if bias else None
         if self.scale is not None:
-            return kernels.int8_linear(x, self.weight, self.scale)
-        return kernels.decode_linear(x, self.weight)       # Triton GEMV or cuBLAS, measured
-
-    def __call__(self, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-        y = self.matmul(x)
-        if self.rowwise:
-            tp.all_reduce(y)
-        return y if self.bias is None else y.add_(self.bias)
+            return kernels.int8_linear(x, self.weight, self.scale, b)
+        return kernels.decode_linear(x, self.weight, b)    # Triton GEMV or cuBLAS, measured
 
     def tensors(self):
         return [t for t in (self.weight, self.scale, self.bias) if t is not None]
