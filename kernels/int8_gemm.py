@@ -95,7 +95,7 @@ def _i8_to(q, dtype: tl.constexpr, FAST_CVT: tl.constexpr):
 
 
 @triton.jit
-def _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0, stride_sc,
+def _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0, K, stride_sc,
                   COL_GROUP: tl.constexpr, VEC: tl.constexpr, FAST_CVT: tl.constexpr):
     # acc [BLOCK_N, KC] += per-chunk sums of dequant(w) * x over the tile at k0;
     # w int8 [BLOCK_N, KC, VEC], x [BLOCK_N, KC, VEC] (x broadcast over rows), kc [KC] chunk
@@ -109,14 +109,16 @@ def _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0, stride_sc,
     if COL_GROUP == 0:                       # per-row scale, applied after the loop
         acc += tl.sum(wf * xf, axis=2)
     elif COL_GROUP % VEC == 0:               # a chunk lies in one column group
+        # chunks past K (the last tile) would index scale columns past C: masked, like w
         s = tl.load(s_rows[:, None] + ((k0 + kc) // COL_GROUP)[None, :] * stride_sc,
-                    mask=n_mask[:, None], other=0.0)
+                    mask=n_mask[:, None] & (k0 + kc < K)[None, :], other=0.0)
         acc += tl.sum(wf * xf, axis=2) * s.to(tl.float32)
     else:                                    # odd group widths: a scale per element
         offs_v = tl.arange(0, VEC)
         cols = (k0 + kc[:, None] + offs_v[None, :]) // COL_GROUP
         s = tl.load(s_rows[:, None, None] + cols[None, :, :] * stride_sc,
-                    mask=n_mask[:, None, None], other=0.0)
+                    mask=n_mask[:, None, None] & (k0 + kc[:, None] + offs_v[None, :] < K)[None],
+                    other=0.0)
         acc += tl.sum(wf * s.to(tl.float32) * xf, axis=2)
     return acc
 
@@ -172,17 +174,17 @@ def _w8_gemv_kernel(
             w_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk
             w_next, x_next = _w8_gemv_load(w_ptrs, x_ptrs, n_mask, kk, K, k0, not EVEN_K)
-            acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0 - BLOCK_K, stride_sc,
+            acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0 - BLOCK_K, K, stride_sc,
                                 COL_GROUP, VEC, FAST_CVT)
             w = w_next
             x = x_next
         k_last = ((K - 1) // BLOCK_K) * BLOCK_K
-        acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k_last, stride_sc,
+        acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k_last, K, stride_sc,
                             COL_GROUP, VEC, FAST_CVT)
     else:
         for k0 in range(0, K, BLOCK_K):
             w, x = _w8_gemv_load(w_ptrs, x_ptrs, n_mask, kk, K, k0, not EVEN_K)
-            acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0, stride_sc,
+            acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0, K, stride_sc,
                                 COL_GROUP, VEC, FAST_CVT)
             w_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk
