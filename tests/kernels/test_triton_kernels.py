@@ -118,6 +118,7 @@ def test_int8_linear(geometry, dtype, scale_dtype, m, bias, gen):
 def test_int8_linear_tiles(tile, dtype, rows, gen):
     n, k = 48, 64
     q, s = quantize_ref(randn(gen, n, k), 4, 32)
+    s = fenced(s)
     x = randn(gen, rows, 3, k, dtype=dtype)              # 3-D activations
     y = int8_gemm.int8_linear(x, q, s, out=poison((rows, 3, n), dtype), config=tile)
     check(y, int8_gemm.int8_linear_ref(x.double(), q, s), dtype, gen[1], f"tile {tile}")
@@ -131,6 +132,7 @@ def test_int8_linear_prefill_dequant_path(geometry, dtype, bias, monkeypatch, ge
     monkeypatch.setattr(int8_gemm, "PREFILL_DEQUANT_MIN_M", 8)
     n, k, groups, gs = geometry
     q, s = quantize_ref(randn(gen, n, k), groups, gs)
+    s = fenced(s)
     w = int8_gemm.dequantize(q, s, dtype)
     check(w, dequantize_ref(q, s, torch.float64), dtype, gen[1], "dequantize")
     x = randn(gen, 9, k, dtype=dtype)
@@ -143,6 +145,7 @@ def test_int8_linear_prefill_dequant_path(geometry, dtype, bias, monkeypatch, ge
 def test_int8_linear_strided_weight(gen):
     """A Conv1D stores [K, N]: its transpose is a strided [N, K] view."""
     q, s = quantize_ref(randn(gen, 32, 64), 2, 32)
+    s = fenced(s)
     q_view = q.t().contiguous().t()
     x = randn(gen, 3, 64)
     check(int8_gemm.int8_linear(x, q_view, s), int8_gemm.int8_linear_ref(x.double(), q, s),
