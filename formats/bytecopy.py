@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import dsinfer_format, hf
-from .checkpoint import find_extra_files
+from .checkpoint import config_architecture, find_extra_files
 from .errors import CheckpointError
 from .layout import Placement, shard_ranges
 from .safetensors_io import CODE_OF_NAME, DTYPE_INFO, SafetensorsFile, _numel, header_bytes
@@ -110,10 +110,7 @@ class ByteCheckpoint:
 
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures") or []
-        if not archs:
-            raise ValueError("config has no 'architectures' entry")
-        return archs[0]
+        return config_architecture(self.config)
 
 
 def matrix(shape: Sequence[int], itemsize: int) -> Tuple[int, int]:

@@ -59,10 +59,7 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures") or []
-        if not archs:
-            raise ValueError("config has no 'architectures' entry")
-        return archs[0]
+        return config_architecture(self.config)
 
     def by_name(self) -> Dict[str, TensorRef]:
         return {t.name: t for t in self.tensors}
@@ -105,3 +102,11 @@ def load_config(path: Path) -> dict:
         raise CheckpointError(f"{path}: 'model_type' is {str(kind)[:60]!r}, not a name; fix "
                               "config.json")
     return config
+
+
+def config_architecture(config: dict) -> str:
+    """The HF class name a config.json names first (`architectures`)."""
+    archs = config.get("architectures") or []
+    if not archs:
+        raise ValueError("config has no 'architectures' entry")
+    return archs[0]
