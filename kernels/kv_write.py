@@ -18,7 +18,7 @@ import torch
 
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import use_triton as _use_triton
-from .rotary import STYLES, apply_rotary_ref
+from .rotary import STYLES, apply_rotary_ref, rope_pairs
 
 LAYOUTS = ("packed", "per_head")
 
@@ -33,12 +33,7 @@ def _rotate(src, dst, cos_ptr, sin_ptr, pos, stride_cos, D: tl.constexpr, HALF: 
     i_mask = i < HALF
     cos = tl.load(cos_ptr + pos * stride_cos + i, mask=i_mask, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_cos + i, mask=i_mask, other=0.0)
-    if INTERLEAVED:
-        i1 = 2 * i
-        i2 = 2 * i + 1
-    else:
-        i1 = i
-        i2 = i + HALF
+    i1, i2 = rope_pairs(i, HALF, INTERLEAVED)
     x1 = tl.load(src + i1, mask=i_mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + i2, mask=i_mask, other=0.0).to(tl.float32)
     if COPY_REST:

@@ -25,6 +25,19 @@ STYLES = ("neox", "gptj")
 
 
 @triton.jit
+def rope_pairs(i, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Feature indices (x1, x2) of rotation pair i: (2i, 2i + 1) for "gptj", (i, i + HALF) for
+    "neox"."""
+    if INTERLEAVED:
+        i1 = 2 * i
+        i2 = 2 * i + 1
+    else:
+        i1 = i
+        i2 = i + HALF
+    return i1, i2
+
+
+@triton.jit
 def _rotary_kernel(
     x_ptr,        # [B, S, H, D] input (head_dim contiguous)
     y_ptr,        # [B, S, H, D] output (may alias x: in place)
@@ -50,12 +63,7 @@ def _rotary_kernel(
     pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps).to(tl.int64)
     cos = tl.load(cos_ptr + pos * stride_cos + i, mask=i_mask, other=0.0)[None, :]
     sin = tl.load(sin_ptr + pos * stride_cos + i, mask=i_mask, other=0.0)[None, :]
-    if INTERLEAVED:
-        i1 = 2 * i
-        i2 = 2 * i + 1
-    else:
-        i1 = i
-        i2 = i + HALF
+    i1, i2 = rope_pairs(i, HALF, INTERLEAVED)
     x_row = x_ptr + b.to(tl.int64) * stride_xb + s * stride_xs + heads[:, None] * stride_xh
     y_row = y_ptr + b.to(tl.int64) * stride_yb + s * stride_ys + heads[:, None] * stride_yh
     mask = h_mask[:, None] & i_mask[None, :]
