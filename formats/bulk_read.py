@@ -20,7 +20,11 @@ import torch
 from .errors import CheckpointError
 from .safetensors_io import DTYPES, SafetensorsFile
 
-CHUNK = int(os.environ.get("DSINFER_READ_CHUNK_MB", "64")) << 20   # bytes per read / copy
+# Bytes per read / copy. Each thread pins two staging buffers of this size, and pinning host
+# memory (cudaHostAlloc) costs about as much per byte as the H2D copy itself: at 64 MB x 2 x 8
+# threads the loader pinned 1 GB before the first byte moved. 16 MB keeps the reads large and
+# pins 256 MB (not yet re-timed on a GPU: bench/load_gpu.py, DSINFER_READ_CHUNK_MB to compare).
+CHUNK = int(os.environ.get("DSINFER_READ_CHUNK_MB", "16")) << 20
 THREADS = int(os.environ.get("DSINFER_READ_THREADS", "8"))
 
 
