@@ -21,9 +21,9 @@ from .errors import CheckpointError
 from .safetensors_io import DTYPES, SafetensorsFile
 
 # Bytes per read / copy. Each thread pins two staging buffers of this size, and pinning host
-# memory (cudaHostAlloc) costs about as much per byte as the H2D copy itself: at 64 MB x 2 x 8
-# threads the loader pinned 1 GB before the first byte moved. 16 MB keeps the reads large and
-# pins 256 MB (not yet re-timed on a GPU: bench/load_gpu.py, DSINFER_READ_CHUNK_MB to compare).
+# memory (cudaHostAlloc) is paid before the first byte moves: at 64 MB x 2 x 8 threads the
+# loader pinned 1 GB. 16 MB keeps the reads large and pins 256 MB (not yet re-timed on a GPU:
+# bench/load_gpu.py with DSINFER_READ_CHUNK_MB=8/16/64 compares).
 CHUNK = int(os.environ.get("DSINFER_READ_CHUNK_MB", "16")) << 20
 THREADS = int(os.environ.get("DSINFER_READ_THREADS", "8"))
 
