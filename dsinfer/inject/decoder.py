@@ -119,6 +119,10 @@ class FusedDecoder:
         if cache is None:
             ck = cv = None
         else:
+            if start and (self.buffers is None or self.buffers.batch != B):
+                raise CheckpointError(
+                    f"the batch changed from {self.buffers.batch if self.buffers else 0} to {B} "
+                    "rows in the middle of a sequence; start a new one (no past_key_values)")
             buf = self._kv(B, start + S)
             ck, cv = buf.k, buf.v
             if starts is None:

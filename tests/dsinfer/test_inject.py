@@ -132,6 +132,8 @@ def test_manual_decode_with_returned_cache():
         cache = out[CACHE_FIELD]               # `cache` in newer transformers, else past_key_values
         step = engine.module(ids[:, -1:], **{CACHE_FIELD: cache}).logits[:, -1]
         assert rel(full, step) <= 1e-4
+        with pytest.raises(CheckpointError, match="batch changed"):
+            engine.module(ids[:1, -1:], **{CACHE_FIELD: cache})
         engine.module(ids)                                   # a new sequence ...
         with pytest.raises(CheckpointError, match="earlier sequence"):
             engine.module(ids[:, -1:], **{CACHE_FIELD: cache})   # ... retires the old cache
