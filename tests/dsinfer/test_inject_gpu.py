@@ -68,3 +68,40 @@ def test_int8_matches_dequantized_hf(tmp_path):
     with torch.no_grad():
         assert rel(ref(**x).logits, eng.module(**x).logits) <= 2e-2
     eng.module.generate(x["input_ids"], **GEN)            # graph capture over int8 kernels
+
+
+@pytest.mark.parametrize("layout,heads,kv_heads,D,rope", [
+    ("packed", 32, 8, 128, ("neox", 128)),        # Llama-3 GQA
+    ("packed", 16, 16, 256, ("gptj", 64)),        # GPT-J: partial interleaved
+    ("per_head", 32, 32, 80, ("neox", 20)),       # GPT-NeoX (Pythia): partial, per-head QKV
+    ("packed", 20, 20, 128, None)])               # GPT-Neo: no RoPE
+def test_qkv_to_cache_real_shapes(layout, heads, kv_heads, D, rope):
+    from dsinfer import kernels
+    B, S, L, start = 2, 3, 64, 17
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(B, S, (heads + 2 * kv_heads) * D, device="cuda", generator=g).half()
+    kc = torch.randn(B, kv_heads, L, D, device="cuda", generator=g).half()
+    vc = torch.randn_like(kc)
+    pos = torch.randint(0, 500, (B, S), device="cuda", generator=g)
+    cos, sin = kernels.rotary_cache(512, rope[1], device="cuda") if rope else (None, None)
+    style, rdim = rope if rope else ("neox", 0)
+    slot = torch.tensor([start], dtype=torch.int32, device="cuda")
+    want = [t.clone() for t in (qkv, kc, vc)]
+    kernels.qkv_to_cache_ref(*want, slot, pos, heads, kv_heads, D, layout, cos, sin, style, rdim)
+    kernels.qkv_to_cache(qkv, kc, vc, slot, pos, heads, kv_heads, D, layout, cos, sin, style,
+                         rdim)
+    for got, ref in zip((qkv, kc, vc), want):
+        assert rel(ref, got) <= 1e-2
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (12288, 4096), (2560, 10240), (50257, 2560)])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_decode_linear_matches_cublas(n, k, rows):
+    from dsinfer import kernels
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(rows, k, device="cuda", generator=g).half()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).half()
+    b = torch.randn(n, device="cuda", generator=g).half()
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    for _ in range(2):        # the first call measures both paths, the second uses the winner
+        assert rel(want, kernels.decode_linear(x, w, b)) <= 1e-2
