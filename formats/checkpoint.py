@@ -3,11 +3,10 @@ canonical (HF transformers) names; every writer consumes one."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 
 if TYPE_CHECKING:  # torch is imported lazily (the byte-copy fast path never needs it)
     import torch
@@ -85,14 +84,7 @@ def find_extra_files(folder: Path) -> Dict[str, Path]:
 def load_config(path: Path) -> dict:
     """An HF config.json: a JSON object whose 'architectures' is a list of class names and
     'model_type' a name (readers and specs rely on both). FileNotFoundError propagates."""
-    try:
-        config = json.loads(Path(path).read_text())
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200]}); copy the model's "
-                              "config.json again") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not a model config "
-                              "object; copy the model's config.json again")
+    config = read_json_object(path, "a model config object", "copy the model's config.json again")
     archs, kind = config.get("architectures"), config.get("model_type")
     if archs is not None and not (isinstance(archs, list)
                                   and all(isinstance(a, str) for a in archs)):

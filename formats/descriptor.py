@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import ReadOptions
 from .checkpoint import Checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 
 MAX_BYTES = 1 << 20  # a descriptor is a few lines; anything bigger is some other json
 
@@ -45,12 +45,8 @@ def sniff(path: Path) -> bool:
 def read(path: Path, options: ReadOptions) -> Checkpoint:
     """Read the checkpoint a descriptor json describes."""
     path = Path(path)
-    try:
-        desc = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200]}); "
-                              "fix the descriptor") from None
-    if not isinstance(desc, dict) or "type" not in desc or "checkpoints" not in desc:
+    desc = read_json_object(path, "a checkpoint descriptor", "fix the descriptor")
+    if "type" not in desc or "checkpoints" not in desc:
         raise CheckpointError(f"{path}: not a checkpoint descriptor (needs 'type' and "
                               "'checkpoints'); see the DeepSpeed-Inference tutorial's format")
     check_fields(desc, path)

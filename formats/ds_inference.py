@@ -19,7 +19,6 @@ folder of the json.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -29,7 +28,7 @@ import torch
 from . import ReadOptions
 from .checkpoint import Checkpoint, TensorRef, find_extra_files
 from .deepspeed import locate_config
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 from .safe_pickle import load_pt
 
 CONFIG_NAME = "ds_inference_config.json"
@@ -100,17 +99,9 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     """Read the folder holding ds_inference_config.json (or that json itself)."""
     path = Path(path)
     json_path = path if path.is_file() else path / CONFIG_NAME
-    try:
-        desc = json.loads(json_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{json_path}: missing; point dsinfer at the folder DeepSpeed's "
-                              "save_mp_checkpoint_path wrote") from None
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{json_path}: not valid JSON ({str(e)[:200]}); copy it "
-                              "again") from None
-    if not isinstance(desc, dict):
-        raise CheckpointError(f"{json_path}: holds a {type(desc).__name__}, not the object "
-                              "DeepSpeed writes; copy it again")
+    desc = read_json_object(json_path, "the object DeepSpeed writes", "copy it again",
+                            missing="point dsinfer at the folder DeepSpeed's "
+                                    "save_mp_checkpoint_path wrote")
     from .descriptor import check_fields
     check_fields(desc, json_path)
     return read_config_json(desc, json_path.parent, options)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
 from .checkpoint import Checkpoint, TensorRef, find_extra_files, load_config
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 from .layout import Placement, shard, shard_rows, unshard
 from .safetensors_io import (CODE_OF_NAME, DTYPE_INFO, SafetensorsFile, StreamingWriter, _numel,
                              sha256_file)
@@ -75,16 +75,8 @@ def load_manifest(path: Path) -> Tuple[Path, dict]:
     """(root folder, manifest) from a dsinfer folder or its dsinfer.json, its schema checked."""
     path = Path(path)
     root, mpath = (path, path / MANIFEST) if path.is_dir() else (path.parent, path)
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{mpath}: missing; not a dsinfer checkpoint") from None
-    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
-        raise CheckpointError(f"{mpath}: not valid JSON ({str(e)[:200]}); the manifest is "
-                              "corrupt") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{mpath}: holds a JSON {type(manifest).__name__}, not the "
-                              "manifest object; the manifest is corrupt")
+    manifest = read_json_object(mpath, "the manifest object", "the manifest is corrupt",
+                                missing="not a dsinfer checkpoint")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath}: 'format' is {_short(manifest.get('format'))}, not "
                               "'dsinfer'")
