@@ -35,6 +35,30 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _bias_and_mask(s, j, j_mask, pos, slope, window, HAS_ALIBI: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr):
+    """Scores s [BLOCK_R, BLOCK_N] (log2 units) of queries at pos [BLOCK_R] against keys j:
+    + ALiBi slope * (j - pos), then -inf for keys past the query, beyond the window, or past
+    the sequence (j_mask)."""
+    rel = j[None, :] - pos[:, None]                                          # <= 0 where visible
+    if HAS_ALIBI:
+        s += slope[:, None] * rel.to(tl.float32)
+    visible = j_mask[None, :] & (rel <= 0)
+    if HAS_WINDOW:
+        visible = visible & (rel > -window)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _store_partial(ml_ptr, part_ptr, row, m_i, l_i, acc, d, r_mask, out_mask,
+                   HEAD_DIM: tl.constexpr):
+    """One split's softmax state for _combine_kernel: (max, sum) and the unnormalized output."""
+    tl.store(ml_ptr + row * 2, m_i, mask=r_mask)
+    tl.store(ml_ptr + row * 2 + 1, l_i, mask=r_mask)
+    tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
+
+
+@triton.jit
 def _decode_attn_kernel(
     q_ptr,        # [B, Hq, SQ, D] queries
     k_ptr,        # [B, Hkv, max_len, D] key cache
@@ -76,6 +100,8 @@ def _decode_attn_kernel(
                 + d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
     if HAS_ALIBI:
         slope = tl.load(slope_ptr + hq, mask=r_mask, other=0.0) * 1.4426950408889634
+    else:
+        slope = tl.zeros((BLOCK_R,), tl.float32)
 
     lo = split * chunk
     hi = tl.minimum(lo + chunk, L)
@@ -92,13 +118,7 @@ def _decode_attn_kernel(
         kv_mask = j_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + j[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_R, BLOCK_N]
-        rel = j[None, :] - pos[:, None]                                      # <= 0 where visible
-        if HAS_ALIBI:
-            s += slope[:, None] * rel.to(tl.float32)
-        visible = j_mask[None, :] & (rel <= 0)
-        if HAS_WINDOW:
-            visible = visible & (rel > -window)
-        s = tl.where(visible, s, float("-inf"))
+        s = _bias_and_mask(s, j, j_mask, pos, slope, window, HAS_ALIBI, HAS_WINDOW)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.exp2(m_i - m_safe)
@@ -115,9 +135,7 @@ def _decode_attn_kernel(
                  + d[None, :], o.to(o_ptr.dtype.element_ty), mask=out_mask)
     else:
         row = ((b * Hkv * GROUP + hq) * SQ + t) * NUM_SPLITS + split        # [BLOCK_R]
-        tl.store(ml_ptr + row * 2, m_i, mask=r_mask)
-        tl.store(ml_ptr + row * 2 + 1, l_i, mask=r_mask)
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
+        _store_partial(ml_ptr, part_ptr, row, m_i, l_i, acc, d, r_mask, out_mask, HEAD_DIM)
 
 
 @triton.jit

@@ -197,6 +197,31 @@ def _w8_gemv_kernel(
 
 
 @triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped launch order (Triton tutorial 03): GROUP_M row tiles walk the
+    same columns of w together, so those columns are read from L2, not HBM, after the first."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@triton.jit
+def _linear_epilogue(acc, y_ptr, b_ptr, s_rows, offs_m, offs_n, m_mask, n_mask, stride_ym,
+                     stride_yn, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 -> y: times the per-row scale (ROW_SCALE), plus the bias."""
+    if ROW_SCALE:
+        acc = acc * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr,        # [M, K] activations, fp16 / bf16 / fp32
     w_ptr,        # [N, K] weight: int8 (QUANT) or the activations' dtype
@@ -217,16 +242,7 @@ def _linear_kernel(
     SWAP_AB: tl.constexpr,    # accumulate y.T = w @ x.T (weight tile as the first MMA operand)
     FAST_CVT: tl.constexpr = False,  # PRMT-based int8 conversion (inline PTX; not interpreted)
 ):
-    # grouped launch order (tutorial 03): GROUP_M row-tiles walk the same columns of w together
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -277,14 +293,8 @@ def _linear_kernel(
 
     if SWAP_AB:
         acc = tl.trans(acc)                                   # [BLOCK_M, BLOCK_N]
-    if QUANT:
-        if COL_GROUP == 0:
-            s = tl.load(s_rows, mask=n_mask, other=0.0)
-            acc = acc * s.to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _linear_epilogue(acc, y_ptr, b_ptr, s_rows, offs_m, offs_n, m_mask, n_mask, stride_ym,
+                     stride_yn, QUANT and COL_GROUP == 0, HAS_BIAS)
 
 
 @triton.jit
