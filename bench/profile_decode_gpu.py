@@ -1,0 +1,139 @@
+"""Where a dsinfer decode step spends its time (issue 5's "if a target is missed, profile").
+
+On one GPU, for a model shape of bench/decode_gpu.py (random fp16 weights, same seed), after
+init_inference(replace_with_kernel_inject=True, enable_cuda_graph=True) and warm-up, it times
+per token at --batch:
+  generate    HF generate (greedy), CUDA events at every token: what decode_gpu.py reports
+  lean_loop   model(input_ids=tok, past_key_values=cache) + argmax, no generate wrapper
+  graph       the captured body graph replayed back to back (pure device time of the blocks)
+  lm_head     the output projection alone (runs outside the graph, in HF's module)
+then profiles --profile-steps eager steps (graphs off: the same kernels, one launch each) and
+prints the kernels by device time per step, grouped by name, with the bandwidth each achieved
+where it reads weights. One JSON line per number on stdout and in $OUT/profile.jsonl;
+the kernel table in $OUT/profile_<model>_<dtype>.txt.
+
+    python3 bench/profile_decode_gpu.py [--model llama|neo] [--int8] [--batch 1]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import decode_gpu as D  # noqa: E402  (the same model builder and timing helpers)
+
+from dsinfer.inject.decoder import CACHE_FIELD  # noqa: E402  (this transformers' cache kwarg)
+
+OUT = os.environ.get("OUT") or "."
+
+
+def record(**kw):
+    kw.update(device=torch.cuda.get_device_name())
+    line = json.dumps(kw)
+    print(line, flush=True)
+    with open(os.path.join(OUT, "profile.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def events_ms(fn, reps: int) -> float:
+    """Mean ms per call of `fn` issued back to back (no host sync inside)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def decoder_of(model):
+    return next(m.dsinfer_decoder for m in model.modules() if hasattr(m, "dsinfer_decoder"))
+
+
+class LeanLoop:
+    """Greedy decode without HF generate: one forward and one argmax per token."""
+
+    def __init__(self, model, ids):
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True)
+        self.model, self.cache = model, out.past_key_values
+        self.tok = out.logits[:, -1:].argmax(-1)
+
+    def __call__(self):
+        with torch.inference_mode():
+            out = self.model(input_ids=self.tok, use_cache=True, **{CACHE_FIELD: self.cache})
+            self.tok = out.logits[:, -1:].argmax(-1)
+
+
+def kernel_table(prof, steps: int) -> list:
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0 and e.device_type.name == "CUDA":
+            rows.append((t / steps / 1e3, e.count / steps, e.key))   # ms/step, launches/step
+    return sorted(rows, reverse=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama", choices=["llama", "neo"])
+    p.add_argument("--int8", action="store_true")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--profile-steps", type=int, default=8)
+    a = p.parse_args(argv)
+    import dsinfer
+    args = D.parse_args([])
+    args.device, args.dtype = torch.device("cuda"), torch.float16
+    model = D.build(a.model, args)
+    kw = dict(dtype=torch.float16, replace_with_kernel_inject=True, enable_cuda_graph=True)
+    if a.int8:
+        kw["quantization_setting"] = D.quant_setting("per-channel")
+    model = dsinfer.init_inference(model, **kw).module
+    tag = dict(model=a.model, dtype="int8" if a.int8 else "fp16", batch=a.batch)
+    args.new, args.prompt = a.steps, 32
+    gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
+    record(what="generate", ms_per_token=gen["ms_per_token"], **tag)
+
+    ids = D.prompt(model.config.vocab_size, a.batch, 32, 0, args.device)
+    loop = LeanLoop(model, ids)
+    for _ in range(3):
+        loop()
+    record(what="lean_loop", ms_per_token=round(events_ms(loop, a.steps), 3), **tag)
+
+    dec = decoder_of(model)
+    g = dec.graphs.graphs[a.batch]
+    record(what="graph", ms_per_token=round(events_ms(g.graph.replay, a.steps), 3), **tag)
+    h = torch.randn(a.batch, 1, model.config.hidden_size, device="cuda", dtype=torch.float16)
+    head = model.get_output_embeddings()
+    with torch.inference_mode():
+        record(what="lm_head", ms_per_token=round(events_ms(lambda: head(h), 50), 3), **tag)
+
+    graphs, dec.graphs = dec.graphs, None      # eager steps: one profiler record per kernel
+    loop = LeanLoop(model, ids)
+    loop()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.profile_steps):
+            loop()
+        torch.cuda.synchronize()
+    dec.graphs = graphs
+    rows = kernel_table(prof, a.profile_steps)
+    total = sum(r[0] for r in rows)
+    lines = [f"{tag}  kernels {total:.3f} ms/step (eager, device time)",
+             f"{'ms/step':>8} {'share':>6} {'n/step':>7}  kernel"]
+    lines += [f"{t:8.3f} {t / total:6.1%} {n:7.1f}  {k[:110]}" for t, n, k in rows[:30]]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(os.path.join(OUT, f"profile_{a.model}_{tag['dtype']}_b{a.batch}.txt"), "w") as f:
+        f.write(text + "\n")
+    record(what="eager_kernels", ms_per_token=round(total, 3), **tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
