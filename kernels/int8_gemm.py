@@ -433,9 +433,10 @@ def _dequant_kernel(
 
 INT8_GEMV_MAX_M = 1             # int8, M = 1: _w8_gemv_kernel or tl.dot, measured (_m1_path)
 INT8_M1_DEFAULT = "gemv"        # the M = 1 path for shapes first seen inside a CUDA-graph capture
-# int8 -> float conversion by PRMT byte permutes (inline PTX) instead of I2F. Off by default
-# until a GPU run has checked it (the interpreter cannot run PTX): DSINFER_INT8_FAST_CVT=1 on.
-FAST_CVT = os.environ.get("DSINFER_INT8_FAST_CVT", "0") == "1"
+# int8 -> float conversion by PRMT byte permutes (inline PTX) instead of I2F, which issues at a
+# quarter rate and bounds the M = 1 GEMV on an H200 (1.05x cuBLAS fp16 at 4096x4096 with I2F,
+# 1.8x with PRMT on an H100; exact, checked by the GPU tests). DSINFER_INT8_FAST_CVT=0: I2F.
+FAST_CVT = os.environ.get("DSINFER_INT8_FAST_CVT", "1") == "1"
 GEMV_MAX_M = 4                  # fp16/bf16 weights, M <= 4: _gemv_kernel
 DECODE_MAX_M = 16               # M <= 16: _linear_kernel with the decode tiles
 # M >= this: dequantize w to the activations' dtype (one pass) and run cuBLAS. Measured on an
@@ -534,6 +535,35 @@ def _tuned_gemv(block_m: int, max_bk: int):
 _M1_PATH = {}   # (N, K, col_group, dtypes, strides) -> "gemv" | "dot": the faster at M = 1
 
 
+def cold_ms(fn, reps: int = 30) -> float:
+    """Median ms of one call of `fn` with its operands out of L2, as in a decode step that
+    streams every weight once. Before each call a read of 2 x L2 bytes evicts the cache: clean
+    lines, unlike do_bench's zero-fill flush, whose dirty lines are written back during the
+    timed call. With do_bench, an H100 run picked the tl.dot path for Llama-7B's 4096x4096
+    int8 projection: 22 us a call in the decode graph, where the GEMV alone takes ~9 us.
+    Autotuned kernels tune on their first call, outside the timing."""
+    fn()
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    flush = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.int32, device="cuda")
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(reps)]
+    for a, b in ev:
+        flush.sum()
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in ev)
+    del flush
+    return times[len(times) // 2]
+
+
+def dispatch_choices() -> dict:
+    """The measured per-shape choices so far (for benchmarks and bug reports)."""
+    return {"int8_m1": {str(k[:2]): v for k, v in _M1_PATH.items()},
+            "fp_decode": {str(k[:3]): v for k, v in _FP_DECODE_PATH.items()}}
+
+
 def _m1_path(x2, w, s, bias, y, col_group: int) -> str:
     """int8 at M = 1: _w8_gemv_kernel (CUDA cores) or the tl.dot decode tiles (tensor cores, x
     padded to 16 rows), whichever is faster on this GPU for this shape. Decided on the first call
@@ -545,10 +575,8 @@ def _m1_path(x2, w, s, bias, y, col_group: int) -> str:
     if path is None:
         if torch.cuda.is_current_stream_capturing():
             return INT8_M1_DEFAULT
-        times = {}
-        for p in ("gemv", "dot"):
-            fn = lambda p=p: _launch(x2, w, s, bias, y, True, col_group, path=p)  # noqa: E731
-            times[p] = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+        times = {p: cold_ms(lambda p=p: _launch(x2, w, s, bias, y, True, col_group, path=p))
+                 for p in ("gemv", "dot")}
         path = _M1_PATH[key] = min(times, key=times.get)
     return path
 
@@ -726,10 +754,8 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     if path is None:
         if torch.cuda.is_current_stream_capturing():
             return F.linear(x, w, bias)
-        times = {"triton": triton.testing.do_bench(lambda: gemv(x, w, bias), warmup=10, rep=40,
-                                                   return_mode="median"),
-                 "cublas": triton.testing.do_bench(lambda: F.linear(x, w, bias), warmup=10,
-                                                   rep=40, return_mode="median")}
+        times = {"triton": cold_ms(lambda: gemv(x, w, bias)),
+                 "cublas": cold_ms(lambda: F.linear(x, w, bias))}
         path = _FP_DECODE_PATH[key] = min(times, key=times.get)
     return gemv(x, w, bias) if path == "triton" else F.linear(x, w, bias)
 

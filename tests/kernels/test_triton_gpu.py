@@ -61,8 +61,11 @@ def test_int8_linear(nk, m, geometry):
 @pytest.mark.parametrize("geometry", [(64, None), ("pc", 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["gemv", "dot"])
-def test_int8_linear_m1_paths(nk, geometry, dtype, path, monkeypatch):
-    """Both M = 1 kernels, whichever the picker would choose (PRMT conversion, bias)."""
+@pytest.mark.parametrize("fast_cvt", [True, False])
+def test_int8_linear_m1_paths(nk, geometry, dtype, path, fast_cvt, monkeypatch):
+    """Both M = 1 kernels, whichever the picker would choose, with both int8 conversions
+    (PRMT byte permutes, the default, and I2F: DSINFER_INT8_FAST_CVT=0), bias."""
+    monkeypatch.setattr(int8_gemm, "FAST_CVT", fast_cvt)
     n, k = nk
     groups, gs = geometry
     q, s = quantized(n, k, n if groups == "pc" else groups, gs)
