@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     with open(os.path.join(OUT, f"profile_{a.model}_{tag['dtype']}_b{a.batch}.txt"), "w") as f:
         f.write(text + "\n")
     record(what="eager_kernels", ms_per_token=round(total, 3), **tag)
+    from dsinfer.kernels import int8_gemm
+    record(what="dispatch", **int8_gemm.dispatch_choices(), **tag)
     return 0
 
 
