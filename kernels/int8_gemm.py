@@ -535,27 +535,27 @@ def _tuned_gemv(block_m: int, max_bk: int):
 _M1_PATH = {}   # (N, K, col_group, dtypes, strides) -> "gemv" | "dot": the faster at M = 1
 
 
-def cold_ms(fn, reps: int = 30) -> float:
-    """Median ms of one call of `fn` with its operands out of L2, as in a decode step that
-    streams every weight once. Before each call a read of 2 x L2 bytes evicts the cache: clean
-    lines, unlike do_bench's zero-fill flush, whose dirty lines are written back during the
-    timed call. With do_bench, an H100 run picked the tl.dot path for Llama-7B's 4096x4096
-    int8 projection: 22 us a call in the decode graph, where the GEMV alone takes ~9 us.
-    Autotuned kernels tune on their first call, outside the timing."""
-    fn()
-    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-    flush = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.int32, device="cuda")
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-          for _ in range(reps)]
-    for a, b in ev:
-        flush.sum()
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    times = sorted(a.elapsed_time(b) for a, b in ev)
-    del flush
-    return times[len(times) // 2]
+def streamed_ms(fn, w: torch.Tensor, rounds: int = 5) -> float:
+    """ms per call of fn(weight) as a decode step runs it: back to back over copies of `w` that
+    together exceed 2 x L2, so each call streams its weight from HBM behind the previous one.
+    Timing one weight alone misjudges decode kernels on an H100: do_bench (zero-fill flush)
+    chose the tl.dot path for Llama-7B's 4096x4096 int8 projection, 22 us a call in the
+    decode graph against ~9 us for the GEMV; a clean flush before each call chose tl.dot for
+    the 12288- and 22016-row ones, 2.5 TB/s in the graph against 2.9 for the GEMV.
+    Autotuned kernels tune on the first call, outside the timing."""
+    fn(w)
+    l2 = torch.cuda.get_device_properties(w.device).L2_cache_size
+    copies = [w] + [w.clone() for _ in range(-(-2 * l2 // w.nbytes) - 1)]
+    for c in copies:
+        fn(c)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(rounds):
+        for c in copies:
+            fn(c)
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / (rounds * len(copies))
 
 
 def dispatch_choices() -> dict:
@@ -567,7 +567,7 @@ def dispatch_choices() -> dict:
 def _m1_path(x2, w, s, bias, y, col_group: int) -> str:
     """int8 at M = 1: _w8_gemv_kernel (CUDA cores) or the tl.dot decode tiles (tensor cores, x
     padded to 16 rows), whichever is faster on this GPU for this shape. Decided on the first call
-    of each shape with triton.testing.do_bench (after each kernel's own autotuning), like the
+    of each shape with streamed_ms (after each kernel's own autotuning), like the
     autotuner: warm up before capturing CUDA graphs. While capturing, undecided shapes use
     INT8_M1_DEFAULT."""
     key = (w.shape, col_group, x2.dtype, s.dtype, w.stride(), bias is not None)
@@ -575,7 +575,8 @@ def _m1_path(x2, w, s, bias, y, col_group: int) -> str:
     if path is None:
         if torch.cuda.is_current_stream_capturing():
             return INT8_M1_DEFAULT
-        times = {p: cold_ms(lambda p=p: _launch(x2, w, s, bias, y, True, col_group, path=p))
+        times = {p: streamed_ms(lambda q, p=p: _launch(x2, q, s, bias, y, True, col_group,
+                                                        path=p), w)
                  for p in ("gemv", "dot")}
         path = _M1_PATH[key] = min(times, key=times.get)
     return path
@@ -743,7 +744,7 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
                   ) -> torch.Tensor:
     """x [..., K] @ w [N, K].T (+ bias) for fp16/bf16 weights: at decode sizes (rows <= DECODE_MAX_M) on
     a GPU, the Triton GEMV or cuBLAS, whichever measured faster for this shape on its first
-    call (do_bench, like the autotuner: warm up before capturing CUDA graphs; an unmeasured
+    call (streamed_ms, like the autotuner: warm up before capturing CUDA graphs; an unmeasured
     shape inside a capture takes cuBLAS). Elsewhere F.linear."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not (x.is_cuda and HAS_TRITON) or rows > DECODE_MAX_M or w.dtype != x.dtype \
@@ -754,8 +755,8 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     if path is None:
         if torch.cuda.is_current_stream_capturing():
             return F.linear(x, w, bias)
-        times = {"triton": cold_ms(lambda: gemv(x, w, bias)),
-                 "cublas": cold_ms(lambda: F.linear(x, w, bias))}
+        times = {"triton": streamed_ms(lambda v: gemv(x, v, bias), w),
+                 "cublas": streamed_ms(lambda v: F.linear(x, v, bias), w)}
         path = _FP_DECODE_PATH[key] = min(times, key=times.get)
     return gemv(x, w, bias) if path == "triton" else F.linear(x, w, bias)
 
