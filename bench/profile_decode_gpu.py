@@ -77,6 +77,25 @@ def kernel_table(prof, steps: int) -> list:
     return sorted(rows, reverse=True)
 
 
+def ab_paths(model, dec, args, a, tag) -> int:
+    """Same weights, same process: every measured decode shape forced onto one path, then the
+    other; generate ms/token and graph replay ms for each (the dispatcher's choice first)."""
+    from dsinfer.kernels import int8_gemm as G
+    table = G._M1_PATH if a.int8 else G._FP_DECODE_PATH
+    paths = ("gemv", "dot") if a.int8 else ("triton", "cublas")
+    chosen = dict(table)
+    for label, choice in [("auto", chosen)] + [(p, {k: p for k in chosen}) for p in paths]:
+        table.update(choice)
+        dec.graphs.reset()
+        gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
+        g = dec.graphs.graphs[a.batch]
+        record(what="ab", path=label, ms_per_token=gen["ms_per_token"],
+               graph_ms=round(events_ms(g.graph.replay, a.steps), 3),
+               choices={str(k[:2]): v for k, v in choice.items()}, **tag)
+    table.update(chosen)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama", choices=["llama", "neo"])
@@ -84,6 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument("--ab", action="store_true",
+                   help="instead of the profile: the decode GEMMs forced onto each path in turn "
+                        "(fp16: triton | cublas; int8: gemv | dot), graphs recaptured, same run")
     a = p.parse_args(argv)
     import dsinfer
     args = D.parse_args([])
@@ -112,6 +134,8 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         record(what="lm_head", ms_per_token=round(events_ms(lambda: head(h), 50), 3), **tag)
 
+    if a.ab:
+        return ab_paths(model, dec, args, a, tag)
     graphs, dec.graphs = dec.graphs, None      # eager steps: one profiler record per kernel
     loop = LeanLoop(model, ids)
     loop()
