@@ -81,18 +81,16 @@ def ab_paths(model, dec, args, a, tag) -> int:
     """Same weights, same process: every measured decode shape forced onto one path, then the
     other; generate ms/token and graph replay ms for each (the dispatcher's choice first)."""
     from dsinfer.kernels import int8_gemm as G
-    table = G._M1_PATH if a.int8 else G._FP_DECODE_PATH
-    paths = ("gemv", "dot") if a.int8 else ("triton", "cublas")
-    chosen = dict(table)
-    for label, choice in [("auto", chosen)] + [(p, {k: p for k in chosen}) for p in paths]:
-        table.update(choice)
+    key = "int8_m1" if a.int8 else "fp_m_le_4"
+    default = G.DECODE_PATHS[key]
+    for path in ("gemv", "dot") if a.int8 else ("triton", "cublas"):
+        G.DECODE_PATHS[key] = path
         dec.graphs.reset()
         gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
         g = dec.graphs.graphs[a.batch]
-        record(what="ab", path=label, ms_per_token=gen["ms_per_token"],
-               graph_ms=round(events_ms(g.graph.replay, a.steps), 3),
-               choices={str(k[:2]): v for k, v in choice.items()}, **tag)
-    table.update(chosen)
+        record(what="ab", path=path, default=path == default, ms_per_token=gen["ms_per_token"],
+               graph_ms=round(events_ms(g.graph.replay, a.steps), 3), **tag)
+    G.DECODE_PATHS[key] = default
     return 0
 
 
@@ -157,7 +155,7 @@ def main(argv=None) -> int:
         f.write(text + "\n")
     record(what="eager_kernels", ms_per_token=round(total, 3), **tag)
     from dsinfer.kernels import int8_gemm
-    record(what="dispatch", **int8_gemm.dispatch_choices(), **tag)
+    record(what="dispatch", **int8_gemm.DECODE_PATHS, **tag)
     return 0
 
 

@@ -5,8 +5,8 @@ GEMV that decode needs where cuBLAS is weak.
     g = n // (N / G)  (row groups),   c = k // (K / C)  (column groups; C = 1 is per-row-group)
 
 Paths for int8, by M (rows of x):
-- M = 1: _w8_gemv_kernel (CUDA cores) or _linear_kernel's decode tiles (tensor cores), whichever
-  measures faster for the shape on first use (_m1_path). _w8_gemv_kernel streams [BLOCK_N, K]
+- M = 1: _w8_gemv_kernel (CUDA cores; DECODE_PATHS may name _linear_kernel's decode tiles
+  instead, for benchmarks). _w8_gemv_kernel streams [BLOCK_N, K]
   strips of w in 8-byte chunks with x loaded in the same register layout (no shared-memory
   shuffle in the K loop), sums each chunk in registers and reduces across threads once, after
   the loop; 32-56 registers a thread (ptxas, sm_90), so many programs share an SM.
@@ -431,8 +431,7 @@ def _dequant_kernel(
 
 # ----------------------------------------------------------------------------- dispatch
 
-INT8_GEMV_MAX_M = 1             # int8, M = 1: _w8_gemv_kernel or tl.dot, measured (_m1_path)
-INT8_M1_DEFAULT = "gemv"        # the M = 1 path for shapes first seen inside a CUDA-graph capture
+INT8_GEMV_MAX_M = 1             # int8, M = 1: DECODE_PATHS["int8_m1"] (_w8_gemv_kernel)
 # int8 -> float conversion by PRMT byte permutes (inline PTX) instead of I2F, which issues at a
 # quarter rate and bounds the M = 1 GEMV on an H200 (1.05x cuBLAS fp16 at 4096x4096 with I2F,
 # 1.8x with PRMT on an H100; exact, checked by the GPU tests). DSINFER_INT8_FAST_CVT=0: I2F.
@@ -532,54 +531,18 @@ def _tuned_gemv(block_m: int, max_bk: int):
     return triton.autotune(configs=configs, key=["m_bucket", "N", "K"])(heur)
 
 
-_M1_PATH = {}   # (N, K, col_group, dtypes, strides) -> "gemv" | "dot": the faster at M = 1
-
-
-def streamed_ms(fn, w: torch.Tensor, rounds: int = 5) -> float:
-    """ms per call of fn(weight) as a decode step runs it: back to back over copies of `w` that
-    together exceed 2 x L2, so each call streams its weight from HBM behind the previous one.
-    Timing one weight alone misjudges decode kernels on an H100: do_bench (zero-fill flush)
-    chose the tl.dot path for Llama-7B's 4096x4096 int8 projection, 22 us a call in the
-    decode graph against ~9 us for the GEMV; a clean flush before each call chose tl.dot for
-    the 12288- and 22016-row ones, 2.5 TB/s in the graph against 2.9 for the GEMV.
-    Autotuned kernels tune on the first call, outside the timing."""
-    fn(w)
-    l2 = torch.cuda.get_device_properties(w.device).L2_cache_size
-    copies = [w] + [w.clone() for _ in range(-(-2 * l2 // w.nbytes) - 1)]
-    for c in copies:
-        fn(c)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(rounds):
-        for c in copies:
-            fn(c)
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / (rounds * len(copies))
-
-
-def dispatch_choices() -> dict:
-    """The measured per-shape choices so far (for benchmarks and bug reports)."""
-    return {"int8_m1": {str(k[:2]): v for k, v in _M1_PATH.items()},
-            "fp_decode": {str(k[:3]): v for k, v in _FP_DECODE_PATH.items()}}
-
-
-def _m1_path(x2, w, s, bias, y, col_group: int) -> str:
-    """int8 at M = 1: _w8_gemv_kernel (CUDA cores) or the tl.dot decode tiles (tensor cores, x
-    padded to 16 rows), whichever is faster on this GPU for this shape. Decided on the first call
-    of each shape with streamed_ms (after each kernel's own autotuning), like the
-    autotuner: warm up before capturing CUDA graphs. While capturing, undecided shapes use
-    INT8_M1_DEFAULT."""
-    key = (w.shape, col_group, x2.dtype, s.dtype, w.stride(), bias is not None)
-    path = _M1_PATH.get(key)
-    if path is None:
-        if torch.cuda.is_current_stream_capturing():
-            return INT8_M1_DEFAULT
-        times = {p: streamed_ms(lambda q, p=p: _launch(x2, q, s, bias, y, True, col_group,
-                                                        path=p), w)
-                 for p in ("gemv", "dot")}
-        path = _M1_PATH[key] = min(times, key=times.get)
-    return path
+# The decode GEMM paths, a table rather than a per-shape timing: one kernel timed alone (do_bench,
+# a flush before each call, or back to back over weight copies) ranked them differently from
+# the decode graph itself, where each weight streams behind the previous kernel. Measured in
+# the graph (bench/profile_decode_gpu.py --ab, Llama-7B shape, batch 1):
+# - fp16 "triton" vs "cublas": H200 3.99 vs 4.18 ms a step (4.32 vs 4.55 ms/token); an H100 run
+#   with cuBLAS on the 4096x4096 projection only: 5.24 ms, all cuBLAS on another H100: 5.48;
+# - int8 M = 1 "gemv" vs "dot" (two H100 profiles, per step of 32 layers; the GEMV run still
+#   converted with I2F): 12288- and 22016-row projections ~1.41 (derived) vs 1.78 ms,
+#   4096x4096 ~0.28 (8.6 us a call alone) vs 0.71 ms.
+# Benchmarks may set other values to compare (the paths are read at each call).
+DECODE_PATHS = {"fp_m_le_4": "triton",    # fp16/bf16 weights, rows <= GEMV_MAX_M: gemv | cublas
+                "int8_m1": "gemv"}        # int8, M = 1: _w8_gemv_kernel | tl.dot decode tiles
 
 
 def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=None):
@@ -590,7 +553,7 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
     N = w.shape[0]
     interp = _interpreting()
     if config is None and quant and M <= INT8_GEMV_MAX_M and path is None:
-        path = "gemv" if interp else _m1_path(x2, w, s, bias, y, col_group)
+        path = "gemv" if interp else DECODE_PATHS["int8_m1"]
     args = (x2, w, s if s is not None else w, bias if bias is not None else y, y, M, N, K,
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
             s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
@@ -737,28 +700,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
     return y
 
 
-_FP_DECODE_PATH = {}   # (N, K, dtype, rows) -> "triton" | "cublas": the faster, measured once
-
-
 def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None
                   ) -> torch.Tensor:
-    """x [..., K] @ w [N, K].T (+ bias) for fp16/bf16 weights: at decode sizes (rows <= DECODE_MAX_M) on
-    a GPU, the Triton GEMV or cuBLAS, whichever measured faster for this shape on its first
-    call (streamed_ms, like the autotuner: warm up before capturing CUDA graphs; an unmeasured
-    shape inside a capture takes cuBLAS). Elsewhere F.linear."""
+    """x [..., K] @ w [N, K].T (+ bias) for fp16/bf16 weights: on a GPU at rows <= GEMV_MAX_M the
+    path DECODE_PATHS["fp_m_le_4"] names (the Triton GEMV), elsewhere F.linear (cuBLAS)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not (x.is_cuda and HAS_TRITON) or rows > DECODE_MAX_M or w.dtype != x.dtype \
-            or x.dtype == torch.float32:
-        return F.linear(x, w, bias)
-    key = (tuple(w.shape), x.dtype, rows, w.stride(), bias is not None)
-    path = _FP_DECODE_PATH.get(key)
-    if path is None:
-        if torch.cuda.is_current_stream_capturing():
-            return F.linear(x, w, bias)
-        times = {"triton": streamed_ms(lambda v: gemv(x, v, bias), w),
-                 "cublas": streamed_ms(lambda v: F.linear(x, v, bias), w)}
-        path = _FP_DECODE_PATH[key] = min(times, key=times.get)
-    return gemv(x, w, bias) if path == "triton" else F.linear(x, w, bias)
+    if (x.is_cuda and HAS_TRITON and rows <= GEMV_MAX_M and w.dtype == x.dtype
+            and x.dtype != torch.float32 and DECODE_PATHS["fp_m_le_4"] == "triton"):
+        return gemv(x, w, bias)
+    return F.linear(x, w, bias)
 
 
 # ----------------------------------------------------------------------------- references

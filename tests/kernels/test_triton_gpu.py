@@ -71,7 +71,7 @@ def test_int8_linear_m1_paths(nk, geometry, dtype, path, fast_cvt, monkeypatch):
     q, s = quantized(n, k, n if groups == "pc" else groups, gs)
     x = torch.randn(1, k, device=DEV, dtype=dtype)
     b = torch.randn(n, device=DEV, dtype=dtype)
-    monkeypatch.setattr(int8_gemm, "_m1_path", lambda *a: path)
+    monkeypatch.setitem(int8_gemm.DECODE_PATHS, "int8_m1", path)
     y = int8_gemm.int8_linear(x, q, s, b, out=poison((1, n), dtype))
     assert rel(y, int8_gemm.int8_linear_ref(x.float(), q, s, b.float())) < TOL
 
