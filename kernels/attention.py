@@ -64,6 +64,7 @@ def _decode_attn_kernel(
     k_ptr,        # [B, Hkv, max_len, D] key cache
     v_ptr,        # [B, Hkv, max_len, D] value cache
     len_ptr,      # [B] integer: valid keys per sequence (the SQ new ones included)
+    first_ptr,    # [B] integer: keys before it are left padding (unused unless HAS_FIRST)
     slope_ptr,    # [Hq] fp32 ALiBi slopes (unused unless HAS_ALIBI)
     o_ptr,        # [B, Hq, SQ, D] output (written when NUM_SPLITS == 1)
     ml_ptr,       # [B*Hq*SQ, NUM_SPLITS, 2] fp32 partial (max in log2 units, sum of exp2)
@@ -78,7 +79,7 @@ def _decode_attn_kernel(
     qk_scale,     # softmax scale * log2(e): scores are kept in log2 units for exp2
     GROUP: tl.constexpr,        # query heads per KV head
     HEAD_DIM: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FIRST: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,      # rows: (query head in group, query token) pairs, >= 16
@@ -107,6 +108,8 @@ def _decode_attn_kernel(
     hi = tl.minimum(lo + chunk, L)
     if HAS_WINDOW:              # the earliest query (pos L - SQ) sees keys from L - SQ - window + 1
         lo = tl.maximum(lo, L - SQ - window + 1)
+    if HAS_FIRST:               # left padding is a prefix: start past it (a split inside it
+        lo = tl.maximum(lo, tl.load(first_ptr + b).to(tl.int32))   # sees no key, weighs 0)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -176,7 +179,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _check_decode(q, k_cache, v_cache, lengths, alibi_slopes, window):
+def _check_decode(q, k_cache, v_cache, lengths, alibi_slopes, window, first_key=None):
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention: q must be [B, Hq, SQ, D] and the caches equal "
                          f"[B, Hkv, max_len, D], got {tuple(q.shape)}, {tuple(k_cache.shape)}, "
@@ -194,6 +197,10 @@ def _check_decode(q, k_cache, v_cache, lengths, alibi_slopes, window):
     if tuple(lengths.shape) != (B,) or lengths.dtype.is_floating_point:
         raise ValueError(f"decode_attention: lengths must be integer [{B}], got {lengths.dtype} "
                          f"{tuple(lengths.shape)}")
+    if first_key is not None and (tuple(first_key.shape) != (B,)
+                                  or first_key.dtype.is_floating_point):
+        raise ValueError(f"decode_attention: first_key must be integer [{B}], got "
+                         f"{first_key.dtype} {tuple(first_key.shape)}")
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (Hq,):
         raise ValueError(f"decode_attention: alibi_slopes must be [{Hq}], got "
                          f"{tuple(alibi_slopes.shape)}")
@@ -209,14 +216,15 @@ def _check_decode(q, k_cache, v_cache, lengths, alibi_slopes, window):
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      lengths: torch.Tensor, scale: Optional[float] = None,
                      alibi_slopes: Optional[torch.Tensor] = None, window: int = 0,
-                     num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None
-                     ) -> torch.Tensor:
+                     num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None,
+                     first_key: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(scale q k^T + alibi, causal & window masked) v over the cache -> [B, Hq, SQ, D].
 
     q [B, Hq, SQ, D] (any strides, contiguous D); caches [B, Hkv, max_len, D]; lengths [B]
     (int, on q's device). scale defaults to 1/sqrt(D) (GPT-Neo uses 1.0). num_splits (keys
-    cut into that many chunks) defaults to filling the GPU; out may be a strided [B, Hq, SQ, D]."""
-    _check_decode(q, k_cache, v_cache, lengths, alibi_slopes, window)
+    cut into that many chunks) defaults to filling the GPU; out may be a strided [B, Hq, SQ, D].
+    first_key [B] (int, optional): keys 0 .. first_key[b] - 1 are left padding, masked."""
+    _check_decode(q, k_cache, v_cache, lengths, alibi_slopes, window, first_key)
     B, Hq, SQ, D = q.shape
     Hkv, max_len = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -226,7 +234,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention: out must be {q.dtype} [{B}, {Hq}, {SQ}, {D}]")
     if not _use_triton(q) or D < MIN_TRITON_HEAD_DIM:
         return out.copy_(decode_attention_ref(q, k_cache, v_cache, lengths, scale,
-                                              alibi_slopes, window))
+                                              alibi_slopes, window, first_key))
     G = Hq // Hkv
     interp = _interpreting()
     BLOCK_R = max(16, min(triton.next_power_of_2(G * SQ), 64))
@@ -246,11 +254,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ml = part = out
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else out
     _decode_attn_kernel[(B * Hkv, row_blocks, num_splits)](
-        q, k_cache, v_cache, lengths, slopes, out, ml, part, Hkv, SQ,
+        q, k_cache, v_cache, lengths, first_key if first_key is not None else lengths, slopes,
+        out, ml, part, Hkv, SQ,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
         chunk, window, scale * LOG2E,
         GROUP=G, HEAD_DIM=D, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window > 0,
-        NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_FIRST=first_key is not None, NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
         num_stages=3 if BLOCK_D <= 128 else 2)
     if num_splits > 1:
@@ -322,10 +332,10 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor, scale: Optional[float] = None,
-                         alibi_slopes: Optional[torch.Tensor] = None, window: int = 0
-                         ) -> torch.Tensor:
-    """attention_ref's maths over the whole cache, keys at or past lengths[b] masked: no host
-    sync, so it can also run inside a CUDA graph."""
+                         alibi_slopes: Optional[torch.Tensor] = None, window: int = 0,
+                         first_key: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """attention_ref's maths over the whole cache, keys at or past lengths[b] (and before
+    first_key[b]) masked: no host sync, so it can also run inside a CUDA graph."""
     B, Hq, SQ, D = q.shape
     L = k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -336,6 +346,8 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     visible = rel <= 0
     if window:
         visible &= rel > -window
+    if first_key is not None:
+        visible &= torch.arange(L, device=q.device) >= first_key.long()[:, None, None]
     s = s.masked_fill(~visible[:, None], float("-inf"))
     if alibi_slopes is not None:
         s = s + alibi_slopes.float().to(q.device)[None, :, None, None] * rel[:, None].float()

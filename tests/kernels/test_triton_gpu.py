@@ -150,17 +150,19 @@ def test_rotary(style, heads, head_dim, rotary_dim, dtype):
 ])
 @pytest.mark.parametrize("sq", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_attention(hq, hkv, head_dim, alibi, window, sq, dtype):
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_attention(hq, hkv, head_dim, alibi, window, sq, dtype, padded):
     B, max_len = 4, 2048
     k_cache = torch.randn(B, hkv, max_len, head_dim, device=DEV, dtype=dtype)
     v_cache = torch.randn(B, hkv, max_len, head_dim, device=DEV, dtype=dtype)
     q = torch.randn(B, hq, sq, head_dim, device=DEV, dtype=dtype)
     lengths = torch.tensor([7, 300, 1500, 2048], device=DEV, dtype=torch.int32)
     slopes = torch.rand(hq, device=DEV) if alibi else None
+    first = torch.tensor([3, 100, 1400, 0], device=DEV, dtype=torch.int32) if padded else None
     y = attention.decode_attention(q, k_cache, v_cache, lengths, None, slopes, window,
-                                   out=poison(q.shape, dtype))
+                                   out=poison(q.shape, dtype), first_key=first)
     ref = attention.decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), lengths,
-                                         None, slopes, window)
+                                         None, slopes, window, first)
     assert rel(y, ref) < TOL
 
 

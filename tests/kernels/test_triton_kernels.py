@@ -332,6 +332,34 @@ def test_decode_attention(dtype, group, sq, alibi, window, splits, gen):
     check(y, ref, dtype, gen[1], f"decode G={group} SQ={sq} alibi={alibi} window={window}")
 
 
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("sq", [1, 2])
+def test_decode_attention_left_padding(alibi, window, splits, sq, gen):
+    """first_key masks a left-padded prefix: the kernel equals the reference, and the
+    reference equals attention over each row's unpadded keys alone (ALiBi and windows act on
+    relative distances, so the shift by the padding changes nothing)."""
+    B, Hq, Hkv, max_len, D = 3, 4, 2, 40, 16
+    k_cache, v_cache = randn(gen, B, Hkv, max_len, D), randn(gen, B, Hkv, max_len, D)
+    q = randn(gen, B, Hq, sq, D)
+    lengths = torch.tensor([9, 33, 20], dtype=torch.int32)
+    first = torch.tensor([0, 17, 19 - (sq - 1)], dtype=torch.int32)  # last row: sq keys left
+    slopes = torch.rand(Hq, generator=gen[0]) if alibi else None
+    y = attention.decode_attention(q, k_cache, v_cache, lengths, None, slopes, window, splits,
+                                   out=poison(q.shape, torch.float32), first_key=first)
+    ref = attention.decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), lengths,
+                                         None, slopes, window, first)
+    check(y, ref, torch.float32, gen[1], f"left-padded decode alibi={alibi} window={window}")
+    for b in range(B):
+        f, n = int(first[b]), int(lengths[b])
+        alone = attention.attention_ref(q[b].double(), k_cache[b, :, f:n].double(),
+                                        v_cache[b, :, f:n].double(),
+                                        torch.arange(n - f - sq, n - f), 1 / D ** 0.5, slopes,
+                                        window)
+        torch.testing.assert_close(ref[b], alone, rtol=1e-5, atol=1e-6)   # both fp32 inside
+
+
 def test_decode_attention_strided_and_unscaled(gen):
     """q and out as [B, S, H, D] buffers viewed [B, H, S, D]; GPT-Neo's scale 1.0."""
     B, H, S, D = 2, 4, 2, 16
