@@ -64,6 +64,8 @@ class Step:
     cos: Optional[torch.Tensor] = None  # [max_pos, rotary_dim / 2] fp32
     sin: Optional[torch.Tensor] = None
     alibi: Optional[torch.Tensor] = None  # [Hq local] fp32 slopes
+    first_key: Optional[torch.Tensor] = None  # [B] int32: left padding before it (decode steps
+                                              # of a left-padded batch; None = key_mask or none)
 
 
 class FusedBlock:
@@ -103,10 +105,10 @@ class FusedBlock:
                                  c.kv_heads, c.head_dim, c.qkv_layout, *self._rotary(step))
             q = self._heads(qkv)[0].transpose(1, 2)    # [B, Hq, S, D]
             end = step.start + S
-            if step.start > 0 and step.key_mask is None:
+            if step.start > 0 and (step.key_mask is None or step.first_key is not None):
                 o = kernels.decode_attention(q, kc, vc, step.lengths, c.scale, step.alibi,
-                                             c.window)
-            else:                                      # prefill, or a padded batch
+                                             c.window, first_key=step.first_key)
+            else:                                      # prefill, or padding with holes
                 o = self._attend(q, kc[:, :, :end], vc[:, :, :end], step)
         o = o.transpose(1, 2).reshape(B, S, c.heads * c.head_dim)
         return self.w.o.matmul(o, bias=self.tp.size == 1)

@@ -64,6 +64,7 @@ class StepCache:
         self.owner, self.epoch, self.layers = owner, epoch, layers
         self.length = length            # positions stored, the same for every row
         self.key_mask = key_mask        # [B, length] bool (False = padding) or None
+        self.first_key = None           # [B] int32 left-padding lengths (decoder._left_padding)
 
     # --- what generate / HF code asks of a cache
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -91,6 +92,8 @@ class StepCache:
         self.owner.buffers.reorder(beam_idx)
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, beam_idx.to(self.key_mask.device))
+        if self.first_key is not None:
+            self.first_key = self.first_key.index_select(0, beam_idx.to(self.first_key.device))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise CheckpointError("dsinfer's fused cache cannot drop rows mid-generation "

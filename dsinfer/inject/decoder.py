@@ -5,7 +5,8 @@ body (LM head, generate, pipelines) is unchanged: it receives BaseModelOutputWit
 A call is one of:
     prefill   no cache passed in (or HF's own, empty)  -> a new sequence from position 0
     continue  the StepCache this decoder returned last -> tokens at positions length .. length+S-1
-Decode steps of one token over an unpadded batch replay a CUDA graph when enabled (graphs.py).
+Decode steps of one token replay a CUDA graph when enabled (graphs.py), over an unpadded batch
+or a left-padded one (generate's padding: the decode kernel skips each row's padded prefix).
 """
 from __future__ import annotations
 
@@ -83,25 +84,30 @@ class FusedDecoder:
             self.epoch += 1
             cache = StepCache(self, self.epoch, len(self.blocks))
         key_mask = self._key_mask(attention_mask, cache, start, S)
+        if cache is not None and start == 0:
+            cache.first_key = self._left_padding(key_mask)
+        first_key = cache.first_key if cache is not None and key_mask is not None else None
         if position_ids is None:
             position_ids = self.adapter.positions(attention_mask, start, S, B, self.device)
         self._rotary_tables(start + S)
-        if self.graphs is not None and self.graphs.can_replay(cache, input_ids, S, key_mask):
-            h = self.graphs.replay(input_ids, position_ids, cache, start)
+        if self.graphs is not None and self.graphs.can_replay(cache, input_ids, S, key_mask,
+                                                              first_key):
+            h = self.graphs.replay(input_ids, position_ids, cache, start, key_mask, first_key)
         else:
             h = self.run(input_ids, inputs_embeds, position_ids, attention_mask, cache, start,
-                         key_mask, **kwargs)
+                         key_mask, first_key=first_key, **kwargs)
         if cache is not None:
             cache.length, cache.key_mask = start + S, key_mask
         out = Output(**{"last_hidden_state": h, CACHE_FIELD: cache})
         return self.adapter.output(self.body, out)
 
     def run(self, input_ids, inputs_embeds, positions, attention_mask, cache, start, key_mask,
-            starts=None, lengths=None, **kwargs) -> torch.Tensor:
-        """The maths of one forward (also what a CUDA graph captures: then `starts` and
-        `lengths` are the graph's static [B] tensors and `start` only says "not a prefill")."""
+            starts=None, lengths=None, first_key=None, **kwargs) -> torch.Tensor:
+        """The maths of one forward (also what a CUDA graph captures: then `starts`, `lengths`
+        and `first_key` are the graph's static [B] tensors and `start` only says "not a
+        prefill")."""
         B, S = positions.shape
-        step = self.step(positions, cache, start, S, key_mask, starts, lengths)
+        step = self.step(positions, cache, start, S, key_mask, starts, lengths, first_key)
         h = self.adapter.embed(self.body, input_ids, inputs_embeds, positions,
                                attention_mask=attention_mask, **kwargs)
         pending = None
@@ -113,8 +119,8 @@ class FusedDecoder:
                                     self.blocks[0].cfg.eps, self.blocks[0].cfg.norm)[0]
         return h if pending is None else h + pending
 
-    def step(self, positions, cache, start: int, S: int, key_mask, starts=None, lengths=None
-             ) -> Step:
+    def step(self, positions, cache, start: int, S: int, key_mask, starts=None, lengths=None,
+             first_key=None) -> Step:
         B = positions.shape[0]
         if cache is None:
             ck = cv = None
@@ -129,7 +135,7 @@ class FusedDecoder:
                 starts = torch.full((B,), start, dtype=torch.int32, device=self.device)
                 lengths = starts + S
         return Step(positions.to(self.device).long(), start, ck, cv, starts, lengths, key_mask,
-                    self.cos, self.sin, self.alibi)
+                    self.cos, self.sin, self.alibi, first_key)
 
     # ------------------------------------------------------------------ helpers
     def _incoming_cache(self, kwargs) -> Optional[StepCache]:
@@ -147,6 +153,17 @@ class FusedDecoder:
         raise CheckpointError(
             f"past_key_values of type {type(cache).__name__} cannot continue a fused-kernel "
             "model; pass the cache this model returned (or none)")
+
+    @staticmethod
+    def _left_padding(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """[B] int32 count of leading padded positions when `mask` [B, L] (False = padding) is
+        padding then tokens in every row, as generate pads, else None (then decode steps attend
+        through SDPA with the mask). One host sync, at the prefill."""
+        if mask is None:
+            return None
+        pad = (~mask).sum(1)                                              # [B]
+        left = torch.arange(mask.shape[1], device=mask.device)[None] >= pad[:, None]
+        return pad.to(torch.int32) if torch.equal(mask, left) else None
 
     @staticmethod
     def _key_mask(attention_mask, cache: Optional[StepCache], start: int, S: int):

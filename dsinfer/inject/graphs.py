@@ -1,12 +1,12 @@
 """CUDA-graph decode: one graph per batch size captures a whole one-token decoder step
 (embeddings, every fused block with its all-reduces, final norm) over the static KV cache.
 A replay copies the new token ids and positions into the graph's input buffers, sets the
-[B] start/length tensors (no host sync), and replays; the Python per-kernel launch cost of
-~15 kernels per block disappears.
+[B] start/length tensors and the left-padding lengths (zeros for an unpadded batch; no host
+sync), and replays; the Python per-kernel launch cost of ~15 kernels per block disappears.
 
 What a graph bakes in: the KV buffers, the rotary tables and the batch size. Growing either
 buffer (decoder._kv, decoder._rotary_tables) drops the graphs; they are captured again on the
-next step. Padded batches (a key mask) and multi-token steps run eagerly.
+next step. Batches padded other than on the left, and multi-token steps, run eagerly.
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ class _Graph:
     positions: torch.Tensor  # [B, 1] int64
     starts: torch.Tensor     # [B] int32: cache index of the new token
     lengths: torch.Tensor    # [B] int32: starts + 1
+    first_key: torch.Tensor  # [B] int32: left-padding length per row (0: none)
     out: torch.Tensor        # [B, 1, hidden]
+    padded: bool = False     # first_key holds a padded batch's lengths (zeroed before reuse)
 
 
 class DecodeGraphs:
@@ -43,11 +45,12 @@ class DecodeGraphs:
         self.graphs.clear()
         self.pool = None
 
-    def can_replay(self, cache, input_ids, S: int, key_mask) -> bool:
-        return (cache is not None and cache.length > 0 and S == 1 and key_mask is None
-                and input_ids is not None)
+    def can_replay(self, cache, input_ids, S: int, key_mask, first_key) -> bool:
+        return (cache is not None and cache.length > 0 and S == 1 and input_ids is not None
+                and (key_mask is None or first_key is not None))
 
-    def replay(self, input_ids, positions, cache, start: int) -> torch.Tensor:
+    def replay(self, input_ids, positions, cache, start: int, key_mask=None, first_key=None
+               ) -> torch.Tensor:
         dec = self.decoder
         if self.tables is not dec.cos:          # the tables grew: captured pointers are stale
             self.reset()
@@ -57,7 +60,13 @@ class DecodeGraphs:
             dec._kv(B, start + 1)               # may grow (and reset) before capturing
             g = self.graphs.get(B) or self._capture_or_none(B, start)
         if g is None:                           # capture failed: this step runs eagerly
-            return dec.run(input_ids, None, positions, None, cache, start, None)
+            return dec.run(input_ids, None, positions, None, cache, start, key_mask,
+                           first_key=first_key)
+        if first_key is not None:
+            g.first_key.copy_(first_key, non_blocking=True)
+        elif g.padded:
+            g.first_key.zero_()
+        g.padded = first_key is not None
         g.ids.copy_(input_ids, non_blocking=True)
         g.positions.copy_(positions, non_blocking=True)
         g.starts.fill_(start)
@@ -82,11 +91,13 @@ class DecodeGraphs:
         pos = torch.full((B, 1), start, dtype=torch.long, device=device)
         starts = torch.full((B,), start, dtype=torch.int32, device=device)
         lengths = starts + 1
+        first = torch.zeros((B,), dtype=torch.int32, device=device)
         cache = _Live(start)
 
         def step():
             # writes K/V at index `start`, which the real step overwrites right after
-            return dec.run(ids, None, pos, None, cache, max(start, 1), None, starts, lengths)
+            return dec.run(ids, None, pos, None, cache, max(start, 1), None, starts, lengths,
+                           first)
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -100,7 +111,7 @@ class DecodeGraphs:
         if self.pool is None:
             self.pool = graph.pool()
         self.tables = dec.cos
-        g = _Graph(graph, ids, pos, starts, lengths, out)
+        g = _Graph(graph, ids, pos, starts, lengths, first, out)
         self.graphs[B] = g
         return g
 

@@ -10,6 +10,7 @@ import transformers as tf
 
 import dsinfer
 from dsinfer.formats import CheckpointError
+from dsinfer import kernels
 from dsinfer.inject.decoder import CACHE_FIELD
 from dsinfer.reshard import reshard
 from helpers import hf_models
@@ -210,3 +211,33 @@ def test_fused_blocks_through_the_triton_kernels():
     assert [row["arch"] for row in rows] == archs
     for row in rows:
         assert row["injected"] and row["rel_err"] <= 1e-4 and row["generate_same"], row
+        assert row["padded_same"], row
+
+
+def test_padded_decode_paths(monkeypatch):
+    """Decode steps of a left-padded batch run decode_attention with each row's padding
+    length (the path a CUDA graph captures); a mask with a hole inside falls back to SDPA with
+    the mask. Both give HF's tokens."""
+    ref = hf_models.build("llama")
+    engine = dsinfer.init_inference(copy.deepcopy(ref), replace_with_kernel_inject=True)
+    seen = []
+    real = kernels.decode_attention
+
+    def spy(*args, first_key=None, **kw):
+        seen.append(None if first_key is None else first_key.tolist())
+        return real(*args, first_key=first_key, **kw)
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+    ids = hf_models.inputs(ref)["input_ids"]
+    left = torch.ones_like(ids)
+    left[1, :4] = 0
+    holes = left.clone()
+    holes[0, 5] = 0
+    for mask, want in ((left, [0, 4]), (holes, None)):
+        seen.clear()
+        kw = dict(GEN, attention_mask=mask, pad_token_id=0)
+        assert torch.equal(ref.generate(ids, **kw), engine.module.generate(ids, **kw))
+        if want is None:
+            assert not seen, "a mask with holes must not take the left-padding decode path"
+        else:
+            assert seen and all(f == want for f in seen), seen

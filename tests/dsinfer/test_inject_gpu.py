@@ -44,6 +44,27 @@ def test_fp16_logits_and_graphs(arch):
     assert decoder.graphs.graphs, "no graph captured"
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt_neo", "bloom"])
+def test_left_padded_batch_replays_graphs(arch):
+    """A left-padded batch decodes from CUDA graphs (each row's padding length is a graph
+    input) with the eager fused tokens, which equal HF's on CPU (test_inject.py)."""
+    ref = hf_models.build(arch).half().cuda()
+    ids = hf_models.inputs(ref)["input_ids"].cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kw = dict(GEN, attention_mask=mask, pad_token_id=0)
+    eager = engine(ref, dtype=torch.float16)
+    graphed = engine(ref, dtype=torch.float16, enable_cuda_graph=True)
+    assert torch.equal(eager.module.generate(ids, **kw), graphed.module.generate(ids, **kw))
+    decoder = next(m.dsinfer_decoder for m in graphed.module.modules()
+                   if hasattr(m, "dsinfer_decoder"))
+    assert decoder.graphs.graphs, "no graph captured"
+    # the same graph serves an unpadded batch next (its padding lengths reset to zero)
+    ones = torch.ones_like(ids)
+    assert torch.equal(eager.module.generate(ids, attention_mask=ones, **GEN),
+                       graphed.module.generate(ids, attention_mask=ones, **GEN))
+
+
 @pytest.mark.parametrize("arch", hf_models.CAUSAL)
 def test_fp32_equals_hf(arch):
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -1,6 +1,7 @@
 """Runs with TRITON_INTERPRET=1 (set before anything imports triton): the fused blocks of each
 causal family run their Triton kernels (in the interpreter, on the CPU) instead of the torch
-references, and are compared with plain HF. Head size 32, so decode attention runs its Triton
+references, and are compared with plain HF (logits, greedy tokens, and greedy tokens of a
+left-padded batch). Head size 32, so decode attention runs its Triton
 kernel too. Prints one JSON line per architecture.
 
 usage: inject_triton_worker.py ARCH[:int8]...
@@ -39,8 +40,13 @@ def run(case: str) -> dict:
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     same = torch.equal(ref.generate(x["input_ids"], **kw),
                        engine.module.generate(x["input_ids"], **kw))
+    left = torch.ones_like(x["input_ids"])
+    left[1, :3] = 0                 # left padding: the decode kernel skips each row's prefix
+    kw.update(attention_mask=left, pad_token_id=0)
+    padded = torch.equal(ref.generate(x["input_ids"], **kw),
+                         engine.module.generate(x["input_ids"], **kw))
     return {"arch": case, "rel_err": ((got - want).abs().max() / want.abs().max()).item(),
-            "generate_same": same,
+            "generate_same": same, "padded_same": padded,
             "injected": any(type(m).__name__ == "BlockModule" for m in engine.module.modules())}
 
 
