@@ -387,8 +387,11 @@ def quant_setting(text: str):
 def dsinfer_info() -> dict:
     import importlib.util
     import dsinfer
+    from dsinfer.kernels import int8_gemm
     return {"dsinfer": dsinfer.__version__, "dsinfer_path": os.path.dirname(dsinfer.__file__),
-            "dsinfer_has_inject": importlib.util.find_spec("dsinfer.inject") is not None}
+            "dsinfer_has_inject": importlib.util.find_spec("dsinfer.inject") is not None,
+            "decode_paths": dict(getattr(int8_gemm, "DECODE_PATHS", {})),
+            "int8_fast_cvt": getattr(int8_gemm, "FAST_CVT", None)}
 
 
 def prep_dsinfer(name, args, record, int8: bool, inject: bool, graph: bool, system: str):
