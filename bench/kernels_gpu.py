@@ -168,17 +168,10 @@ def acceptance():
         json.dump(rows, f)
 
 
-def main():
-    if "-h" in sys.argv or "--help" in sys.argv:
-        print(__doc__)
-        return
-    if "--acceptance" in sys.argv:
-        return acceptance()
-    quick = "--quick" in sys.argv
+def configure(quick: bool, tiny: bool) -> None:
+    """Narrow the sweep tables for a short device lease (--quick) or a smoke run (--tiny)."""
     global SHAPES, GEMV, DOT1, DOTS, GEOMS
-    tiny = "--tiny" in sys.argv
-    quick = quick or tiny
-    if quick:      # a short device lease: the shapes and configs that decide the defaults
+    if quick:      # the shapes and configs that decide the defaults
         SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (2048, 4096), (32000, 4096)]
         GEOMS = {g: GEOMS[g] for g in ("pc", "k128")}
         GEMV = [(8, 1024, 4, False), (16, 512, 4, False), (4, 1024, 4, False),
@@ -191,16 +184,11 @@ def main():
         GEMV = GEMV[:3]
         DOT1 = DOT1[:2]
         DOTS = DOT1
-    t0 = time.time()
-    log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-        f"triton {__import__('triton').__version__}  SMs "
-        f"{torch.cuda.get_device_properties(0).multi_processor_count}")
-    bw = copy_bw()
-    log(f"copy bandwidth (read+write): {bw:.0f} GB/s")
-    res = {}
-    # ---- M = 1: every shape and geometry
+
+
+def sweep_m1(res, summary, t0) -> None:
+    """M = 1: every shape and geometry, every GEMV / tl.dot config and the old kernel."""
     log("\n== M = 1: us per call (int8 GB/s); best config; vs cuBLAS fp16 ==")
-    summary = []
     for n, k in SHAPES:
         tc = cublas_us(n, k, 1)
         for geom in GEOMS:
@@ -218,7 +206,10 @@ def main():
             summary.append(dict(n=n, k=k, m=1, geom=geom, cublas=tc, old=old, best=best,
                                 best_us=tb, row=row))
         log(f"   [{time.time() - t0:.0f}s]")
-    # ---- M = 2..16
+
+
+def sweep_small_m(res, summary, t0, quick: bool, tiny: bool) -> None:
+    """M = 2..16: the tl.dot decode tiles (and the old GEMV at M <= 4)."""
     log("\n== M = 2..16 (dot tiles; old GEMV at M <= 4) ==")
     shapes = [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[5]] if not quick else SHAPES[:2]
     ms = (2, 4, 8, 16) if not quick else (2, 8, 16)
@@ -228,7 +219,7 @@ def main():
         for m in ms:
             tc = cublas_us(n, k, m)
             for geom in ("g64", "k128"):
-                cfgs = DOTS + ([OLD[geom]] if m <= 4 else []) + [GEMV[0]] * (m == 2 and False)
+                cfgs = DOTS + ([OLD[geom]] if m <= 4 else [])
                 row = time_case(n, k, m, geom, cfgs, res)
                 ok = {a: b for a, b in row.items() if b is not None}
                 best = min(ok, key=ok.get) if ok else None
@@ -240,14 +231,14 @@ def main():
                 summary.append(dict(n=n, k=k, m=m, geom=geom, cublas=tc, best=best, best_us=tb,
                                     row=row))
         log(f"   [{time.time() - t0:.0f}s]")
-    # ---- prefill
-    if quick:
-        SHAPES_P = []
-    else:
-        SHAPES_P = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)]
-    log("\n== prefill M = 4096 (default path: dequant + cuBLAS), do_bench median us ==")
+
+
+def sweep_prefill(summary, quick: bool) -> None:
+    """M = 4096 through the default path (dequant + cuBLAS), do_bench medians."""
     import triton
-    for n, k in SHAPES_P:
+    shapes = [] if quick else [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)]
+    log("\n== prefill M = 4096 (default path: dequant + cuBLAS), do_bench median us ==")
+    for n, k in shapes:
         w16 = torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
         for geom in ("g64", "k128"):
             q, s = quantize_ref(w16.float(), *GEOMS[geom](n))
@@ -260,6 +251,26 @@ def main():
                 f"rel {e:.1e}")
             summary.append(dict(n=n, k=k, m=4096, geom=geom, cublas=tc, best="default",
                                 best_us=ti))
+
+
+def main():
+    if "-h" in sys.argv or "--help" in sys.argv:
+        print(__doc__)
+        return
+    if "--acceptance" in sys.argv:
+        return acceptance()
+    tiny = "--tiny" in sys.argv
+    quick = "--quick" in sys.argv or tiny
+    configure(quick, tiny)
+    t0 = time.time()
+    log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+        f"triton {__import__('triton').__version__}  SMs "
+        f"{torch.cuda.get_device_properties(0).multi_processor_count}")
+    log(f"copy bandwidth (read+write): {copy_bw():.0f} GB/s")
+    res, summary = {}, []
+    sweep_m1(res, summary, t0)
+    sweep_small_m(res, summary, t0, quick, tiny)
+    sweep_prefill(summary, quick)
     log(f"total {time.time() - t0:.0f}s")
     with open(os.path.join(OUT, "kernels_gpu.json"), "w") as f:
         json.dump(summary, f)
