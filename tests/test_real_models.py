@@ -160,6 +160,24 @@ def test_fused_blocks_on_real_models(smollm2, minilm):
     assert torch.allclose(want, got, atol=1e-5), (want - got).abs().max()
 
 
+def test_fused_batched_pipeline_with_left_padding(smollm2):
+    """A text-generation pipeline over a batch of prompts of different lengths (left padding)
+    through SmolLM2's fused blocks writes what plain HF writes."""
+    import copy
+
+    import dsinfer
+    model, tok = smollm2
+    tok = copy.deepcopy(tok)
+    tok.padding_side = "left"
+    prompts = ["The capital of France is", "Water boils at a temperature of one hundred",
+               "Once upon a time"]
+    kw = dict(max_new_tokens=10, do_sample=False, batch_size=3)
+    want = tf.pipeline("text-generation", model=model, tokenizer=tok)(prompts, **kw)
+    engine = dsinfer.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True)
+    got = tf.pipeline("text-generation", model=engine.module, tokenizer=tok)(prompts, **kw)
+    assert got == want
+
+
 # ----------------------------------------------------------------------------- the cache
 
 def test_cache_reused_without_pip(smollm2_dir, monkeypatch):
