@@ -86,6 +86,9 @@ class FusedDecoder:
         key_mask = self._key_mask(attention_mask, cache, start, S)
         if cache is not None and start == 0:
             cache.first_key = self._left_padding(key_mask)
+        elif cache is not None and cache.first_key is not None and S > 1 \
+                and not bool(key_mask[:, start:].all()):
+            cache.first_key = None        # padding among new tokens: the mask decides from now
         first_key = cache.first_key if cache is not None and key_mask is not None else None
         if position_ids is None:
             position_ids = self.adapter.positions(attention_mask, start, S, B, self.device)

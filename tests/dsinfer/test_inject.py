@@ -241,3 +241,24 @@ def test_padded_decode_paths(monkeypatch):
             assert not seen, "a mask with holes must not take the left-padding decode path"
         else:
             assert seen and all(f == want for f in seen), seen
+
+
+def test_padding_inside_a_later_chunk_is_honoured():
+    """A left-padded prefill, then a multi-token continuation whose mask pads some new tokens:
+    those keys stay masked (the decode kernel's per-row prefix would not cover them)."""
+    ref = hf_models.build("llama")
+    engine = dsinfer.init_inference(copy.deepcopy(ref), replace_with_kernel_inject=True)
+    ids = hf_models.inputs(ref)["input_ids"]
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :4] = 0                    # left padding of the prompt
+    mask[0, 13] = 0                    # a padded token inside the continuation
+    with torch.no_grad():
+        first = engine.module(input_ids=ids, attention_mask=mask[:, :12], use_cache=True)
+        cache = getattr(first, CACHE_FIELD, None) or first.past_key_values
+        more = torch.randint(0, ref.config.vocab_size, (2, 4))
+        got = engine.module(input_ids=more, attention_mask=mask, use_cache=True,
+                            **{CACHE_FIELD: cache}).logits
+        full = torch.cat([ids, more], 1)
+        want = ref(input_ids=full, attention_mask=mask).logits[:, 12:]
+    keep = mask[:, 12:].bool()         # logits at padded positions are not defined
+    assert rel(want[keep], got[keep]) <= 1e-4
