@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .activations import ACTIVATIONS, _act, bias_act, silu_mul
 from .quant_ref import dequantize_ref
 
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
@@ -136,6 +137,43 @@ def _w8_gemv_load(w_ptrs, x_ptrs, n_mask, kk, K, k0, MASK_K: tl.constexpr):
 
 
 @triton.jit
+def _weight_rows(pid_n, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    # The weight rows one program reads: BLOCK_N consecutive ones, or (GATED, a packed
+    # [gate | up] weight of N rows) BLOCK_N / 2 gate rows and the up rows N / 2 further on,
+    # so that the epilogue holds each output's gate and up sums.
+    r = tl.arange(0, BLOCK_N)
+    if GATED:
+        o = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+        offs_n = o + (r // (BLOCK_N // 2)) * (N // 2)
+        n_mask = o < N // 2
+    else:
+        offs_n = pid_n * BLOCK_N + r
+        n_mask = offs_n < N
+    return offs_n, n_mask
+
+
+@triton.jit
+def _act_store(y, y_ptr, offs_m, m_mask, pid_n, N, stride_ym, stride_yn,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr):
+    # y [BLOCK_M, BLOCK_N] fp32 (scaled, bias added) -> act(y) into y_ptr [M, N], or for
+    # "silu_gate" silu(gate) * up into [M, N / 2] (y's columns: BLOCK_N / 2 gates, then ups)
+    if ACT == "silu_gate":
+        y3 = tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2))
+        half = tl.arange(0, 2)[None, :, None]
+        g = tl.sum(tl.where(half == 0, y3, 0.0), axis=1)
+        u = tl.sum(tl.where(half == 1, y3, 0.0), axis=1)
+        out = g * tl.sigmoid(g) * u
+        offs_o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        o_mask = offs_o < N // 2
+    else:
+        out = _act(y, ACT)
+        offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_mask = offs_o < N
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :] * stride_yn,
+             out.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & o_mask[None, :])
+
+
+@triton.jit
 def _w8_gemv_kernel(
     x_ptr,        # [M, K] activations, fp16 / bf16 / fp32
     w_ptr,        # [N, K] int8
@@ -148,6 +186,7 @@ def _w8_gemv_kernel(
     m_bucket,                 # autotune key only
     COL_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     FAST_CVT: tl.constexpr,   # PRMT-based int8 -> fp32 (inline PTX; off under the interpreter)
+    ACT: tl.constexpr,        # epilogue: "identity", an activation, or "silu_gate" (y [M, N/2])
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     VEC: tl.constexpr,        # elements per chunk (8: one 8-byte load of w, one 16-byte of x)
     PREFETCH: tl.constexpr,   # load the next K-tile before converting the current one
@@ -160,8 +199,7 @@ def _w8_gemv_kernel(
     pid_m = tl.program_id(1)
     x_ptr += pid_m * stride_xm
     y_ptr += pid_m * stride_ym
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    offs_n, n_mask = _weight_rows(pid_n, N, BLOCK_N, ACT == "silu_gate")
     kc = tl.arange(0, BLOCK_K // VEC) * VEC                               # [KC] chunk starts
     kk = kc[:, None] + tl.arange(0, VEC)[None, :]                          # [KC, VEC]
     w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + kk[None, :, :] * stride_wk
@@ -193,7 +231,8 @@ def _w8_gemv_kernel(
         y = y * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n * stride_yn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    one = tl.arange(0, 1)                                  # this program's row of x (y_ptr moved)
+    _act_store(y[None, :], y_ptr, one, one < 1, pid_n, N, stride_ym, stride_yn, 1, BLOCK_N, ACT)
 
 
 @triton.jit
@@ -348,6 +387,7 @@ def _gemv_kernel(
     m_bucket,                 # autotune key only
     QUANT: tl.constexpr, COL_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    ACT: tl.constexpr,        # epilogue: "identity", an activation, or "silu_gate" (y [M, N/2])
     BLOCK_M: tl.constexpr,    # power of two >= M (1, 2 or 4): rows of x
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr,   # issue the next K-tile's loads before using the current one
@@ -361,10 +401,9 @@ def _gemv_kernel(
     # and multiplies (the loads feed no tl.dot, so Triton's software pipelining does not apply).
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n, n_mask = _weight_rows(pid_n, N, BLOCK_N, ACT == "silu_gate")
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
-    n_mask = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
     s_rows = s_ptr + (offs_n // rows_per_group) * stride_sg                      # [BLOCK_N]
@@ -398,8 +437,7 @@ def _gemv_kernel(
             y = y * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _act_store(y, y_ptr, offs_m, m_mask, pid_n, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, ACT)
 
 
 @triton.jit
@@ -545,23 +583,35 @@ DECODE_PATHS = {"fp_m_le_4": "triton",    # fp16/bf16 weights, rows <= GEMV_MAX_
                 "int8_m1": "gemv"}        # int8, M = 1: _w8_gemv_kernel | tl.dot decode tiles
 
 
-def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=None):
-    """x2 [M, K], w [N, K], y [M, N]. config (a tile tuple: 4 entries for _w8_gemv_kernel, 5 for
-    _gemv_kernel, 6 for _linear_kernel) bypasses autotuning (benchmarks, tests); path ("gemv" or
-    "dot") forces the int8 M = 1 choice."""
+def _kind(M: int, quant: bool, config=None, path=None) -> str:
+    """The kernel _launch runs: "w8_gemv" or "gemv" (both apply an activation in their
+    epilogue) or "dot" (_linear_kernel)."""
+    if config is not None:
+        return {4: "w8_gemv", 5: "gemv", 6: "dot"}[len(config)]
+    if quant and M <= INT8_GEMV_MAX_M:
+        path = path or ("gemv" if _interpreting() else DECODE_PATHS["int8_m1"])
+        return "w8_gemv" if path == "gemv" else "dot"
+    return "gemv" if not quant and M <= GEMV_MAX_M else "dot"
+
+
+def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=None,
+            act: str = "identity"):
+    """x2 [M, K], w [N, K], y [M, N] (or [M, N / 2] for act "silu_gate"). config (a tile
+    tuple: 4 entries for _w8_gemv_kernel, 5 for _gemv_kernel, 6 for _linear_kernel) bypasses
+    autotuning (benchmarks, tests); path ("gemv" or "dot") forces the int8 M = 1 choice. act
+    is applied only by the GEMV kernels (_kind); callers apply it after a "dot" launch."""
     M, K = x2.shape
     N = w.shape[0]
     interp = _interpreting()
-    if config is None and quant and M <= INT8_GEMV_MAX_M and path is None:
-        path = "gemv" if interp else DECODE_PATHS["int8_m1"]
+    kind = _kind(M, quant, config, path)
     args = (x2, w, s if s is not None else w, bias if bias is not None else y, y, M, N, K,
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
             s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
             y.stride(0), y.stride(1),
             N // s.shape[0] if s is not None else 1, triton.next_power_of_2(M))
-    if (config is None and path == "gemv") or (config is not None and len(config) == 4):
+    if kind == "w8_gemv":
         flags = dict(COL_GROUP=col_group, HAS_BIAS=bias is not None,
-                     FAST_CVT=FAST_CVT and not interp, VEC=8)
+                     FAST_CVT=FAST_CVT and not interp, VEC=8, ACT=act)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)
             _tuned_w8_gemv()[grid](*args, **flags)
@@ -572,17 +622,17 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
                                                num_stages=1)
         return
     flags = dict(QUANT=quant, COL_GROUP=col_group, HAS_BIAS=bias is not None)
-    if (config is None and not quant and M <= GEMV_MAX_M) or \
-            (config is not None and len(config) == 5):
+    if kind == "gemv":
         block_m = triton.next_power_of_2(M)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-            _tuned_gemv(block_m, _max_block_k(col_group))[grid](*args, **flags, BLOCK_M=block_m)
+            _tuned_gemv(block_m, _max_block_k(col_group))[grid](*args, **flags, ACT=act,
+                                                                BLOCK_M=block_m)
             return
         bn, bk, warps, prefetch, reduce_k = config or _INTERPRET_GEMV_TILE
-        _gemv_kernel[(triton.cdiv(N, bn),)](*args, **flags, EVEN_K=K % bk == 0, BLOCK_M=block_m,
-                                           BLOCK_N=bn, BLOCK_K=bk, PREFETCH=prefetch,
-                                           REDUCE_K=reduce_k, num_warps=warps)
+        _gemv_kernel[(triton.cdiv(N, bn),)](*args, **flags, ACT=act, EVEN_K=K % bk == 0,
+                                           BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
+                                           PREFETCH=prefetch, REDUCE_K=reduce_k, num_warps=warps)
         return
     flags["DOT_PRECISION"] = "ieee" if x2.dtype == torch.float32 else "tf32"
     flags["FAST_CVT"] = quant and FAST_CVT and not interp
@@ -607,12 +657,12 @@ def _check_x(x: torch.Tensor, k: int, what: str):
         raise ValueError(f"{what}: x has {x.shape[-1]} input features, the weight {k}")
 
 
-def _prepare(x, n, bias, out, what):
+def _prepare(x, n, bias, out, what, n_out=None):
     x2 = x.reshape(-1, x.shape[-1])
     if bias is not None and (bias.shape != (n,) or bias.device != x.device):
         raise ValueError(f"{what}: bias must be [{n}] on {x.device}, got {tuple(bias.shape)} "
                          f"on {bias.device}")
-    shape = (*x.shape[:-1], n)
+    shape = (*x.shape[:-1], n if n_out is None else n_out)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     elif out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
@@ -620,10 +670,51 @@ def _prepare(x, n, bias, out, what):
     return x2, out
 
 
+EPILOGUES = ACTIVATIONS + ("silu_gate",)
+
+
+def _check_act(act: Optional[str], n: int, what: str) -> str:
+    """None -> "identity"; "silu_gate" (a packed [gate | up] weight) needs an even N."""
+    act = "identity" if act is None else act
+    if act not in EPILOGUES:
+        raise ValueError(f"{what}: unknown act {act!r}; known: {', '.join(EPILOGUES)}")
+    if act == "silu_gate" and n % 2:
+        raise ValueError(f"{what}: act='silu_gate' needs a packed [gate | up] weight (even N), "
+                         f"got N = {n}")
+    return act
+
+
+def _finish(y: torch.Tensor, act: str, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """act on a finished y [..., N], for the paths whose kernel has no epilogue for it."""
+    if act != "identity":
+        y = silu_mul(y) if act == "silu_gate" else bias_act(y, None, act)
+    if out is None:
+        return y
+    if out.shape != y.shape or out.dtype != y.dtype:
+        raise ValueError(f"out must be a {y.dtype} tensor of shape {tuple(y.shape)}")
+    return out.copy_(y)
+
+
+def _run(x, w, s, bias, out, quant: bool, col_group: int, config, act: str, what: str):
+    """The Triton launch over x's rows: act in the GEMV kernels' epilogue where one of them
+    runs (_kind), else after the GEMM."""
+    n = w.shape[0]
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    fused = act == "identity" or _kind(M, quant, config) != "dot"
+    n_out = n // 2 if act == "silu_gate" and fused else n
+    x2, y = _prepare(x, n, bias, out if fused else None, what, n_out)
+    if x2.shape[0]:
+        _launch(x2, w, s, bias, y.view(-1, n_out), quant, col_group, config,
+                act=act if fused else "identity")
+    return y if fused else _finish(y, act, out)
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-                config=None) -> torch.Tensor:
-    """x [..., K] @ dequant(q [N, K] int8, scale [G, C]).T (+ bias [N]) -> [..., N] in x's dtype.
+                config=None, act: Optional[str] = None) -> torch.Tensor:
+    """act(x [..., K] @ dequant(q [N, K] int8, scale [G, C]).T (+ bias [N])) in x's dtype:
+    [..., N], or [..., N / 2] for act "silu_gate" (silu(gate) * up of a packed [gate | up]
+    weight). act: None or one of EPILOGUES; the M = 1 GEMV applies it in its epilogue.
 
     G must divide N and C must divide K (the quantizer's geometry). q may be any strided view
     (e.g. the .t() of a Conv1D's [K, N] storage), but a row-major [N, K] q streams fastest."""
@@ -632,6 +723,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                         f"{tuple(q.shape)}")
     n, k = q.shape
     _check_x(x, k, "int8_linear")
+    act = _check_act(act, n, "int8_linear")
     if scale.dim() != 2 or n % scale.shape[0] or k % scale.shape[1]:
         raise ValueError(f"int8_linear: scale {tuple(scale.shape)} does not tile the weight "
                          f"[{n}, {k}] into [groups, col_groups] blocks")
@@ -641,19 +733,18 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"int8_linear: x, q and scale must share a device, got {x.device}, "
                          f"{q.device}, {scale.device}")
     if not _use_triton(x):
-        return int8_linear_ref(x, q, scale, bias, out=out)
-    x2, y = _prepare(x, n, bias, out, "int8_linear")
-    if x2.shape[0] >= PREFILL_DEQUANT_MIN_M and config is None:
+        return _finish(int8_linear_ref(x, q, scale, bias), act, out)
+    rows = x.numel() // k if k else 0
+    if rows >= PREFILL_DEQUANT_MIN_M and config is None:
+        x2, y = _prepare(x, n, bias, out if act == "identity" else None, "int8_linear")
         w = dequantize(q, scale, x.dtype)                     # one pass, then cuBLAS
         if bias is None:
             torch.mm(x2, w.t(), out=y.view(-1, n))
         else:
             torch.addmm(bias.to(x.dtype), x2, w.t(), out=y.view(-1, n))
-        return y
+        return y if act == "identity" else _finish(y, act, out)
     col_group = 0 if scale.shape[1] == 1 else k // scale.shape[1]
-    if x2.shape[0]:
-        _launch(x2, q, scale, bias, y.view(-1, n), True, col_group, config)
-    return y
+    return _run(x, q, scale, bias, out, True, col_group, config, act, "int8_linear")
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float16
@@ -679,8 +770,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         out: Optional[torch.Tensor] = None, config=None) -> torch.Tensor:
-    """x [..., K] @ w [N, K].T (+ bias) for fp16/bf16/fp32 weights of x's dtype.
+         out: Optional[torch.Tensor] = None, config=None, act: Optional[str] = None
+         ) -> torch.Tensor:
+    """act(x [..., K] @ w [N, K].T (+ bias)) for fp16/bf16/fp32 weights of x's dtype; act as
+    int8_linear's (the GEMV kernel, at most GEMV_MAX_M rows, applies it in its epilogue).
 
     The Triton kernel runs for decode (at most 16 rows of x); larger M goes to cuBLAS (F.linear)."""
     if w.dim() != 2 or w.dtype != x.dtype:
@@ -688,27 +781,25 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                         f"{w.dtype} {tuple(w.shape)}")
     n, k = w.shape
     _check_x(x, k, "gemv")
+    act = _check_act(act, n, "gemv")
     if w.device != x.device:
         raise ValueError(f"gemv: x on {x.device}, w on {w.device}")
     rows = x.numel() // k if k else 0
     if not _use_triton(x) or (rows > DECODE_MAX_M and config is None and not _interpreting()):
-        y = linear_ref(x, w, bias)
-        return y if out is None else out.copy_(y)
-    x2, y = _prepare(x, n, bias, out, "gemv")
-    if x2.shape[0]:
-        _launch(x2, w, None, bias, y.view(-1, n), False, 0, config)
-    return y
+        return _finish(linear_ref(x, w, bias), act, out)
+    return _run(x, w, None, bias, out, False, 0, config, act, "gemv")
 
 
-def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
-    """x [..., K] @ w [N, K].T (+ bias) for fp16/bf16 weights: on a GPU at rows <= GEMV_MAX_M the
-    path DECODE_PATHS["fp_m_le_4"] names (the Triton GEMV), elsewhere F.linear (cuBLAS)."""
+def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  act: Optional[str] = None) -> torch.Tensor:
+    """act(x [..., K] @ w [N, K].T (+ bias)) for fp16/bf16 weights (act as int8_linear's): on a
+    GPU at rows <= GEMV_MAX_M the path DECODE_PATHS["fp_m_le_4"] names (the Triton GEMV, act
+    in its epilogue), elsewhere F.linear (cuBLAS) and then the activation kernel."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (x.is_cuda and HAS_TRITON and rows <= GEMV_MAX_M and w.dtype == x.dtype
             and x.dtype != torch.float32 and DECODE_PATHS["fp_m_le_4"] == "triton"):
-        return gemv(x, w, bias)
-    return F.linear(x, w, bias)
+        return gemv(x, w, bias, act=act)
+    return _finish(F.linear(x, w, bias), _check_act(act, w.shape[0], "decode_linear"), None)
 
 
 # ----------------------------------------------------------------------------- references

@@ -134,10 +134,9 @@ class FusedBlock:
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden] (normed) -> MLP output before down's TP sum."""
-        if self.cfg.act == "silu_gate":
-            h = kernels.silu_mul(self.w.up.matmul(x, bias=True))
-        else:
-            h = kernels.bias_act(self.w.up.matmul(x), self.w.up.bias, self.cfg.act)
+        # silu(gate) * up of the packed gate|up weight, or act(x W_up + b): one decode GEMV
+        # with the activation in its epilogue (prefill: the GEMM, then the activation kernel)
+        h = self.w.up.matmul(x, bias=True, act=self.cfg.act)
         return self.w.down.matmul(h, bias=self.tp.size == 1)
 
     def _finish(self, y: torch.Tensor, *lins: Lin) -> torch.Tensor:

@@ -30,13 +30,16 @@ class Lin:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def matmul(self, x: torch.Tensor, bias: bool = False) -> torch.Tensor:
-        """x [..., in] -> [..., out] without the TP sum; with the bias in the GEMM's epilogue
-        if `bias` (never for a rowwise layer at TP > 1: its bias follows the sum)."""
+    def matmul(self, x: torch.Tensor, bias: bool = False, act: Optional[str] = None
+               ) -> torch.Tensor:
+        """x [..., in] -> act([..., out]) without the TP sum; with the bias in the GEMM's
+        epilogue if `bias` (never for a rowwise layer at TP > 1: its bias follows the sum).
+        act (kernels.int8_gemm.EPILOGUES; "silu_gate" halves `out`) runs in the decode GEMV's
+        epilogue, or after the GEMM on other paths."""
         b = self.bias if bias else None
         if self.scale is not None:
-            return kernels.int8_linear(x, self.weight, self.scale, b)
-        return kernels.decode_linear(x, self.weight, b)    # Triton GEMV or cuBLAS, measured
+            return kernels.int8_linear(x, self.weight, self.scale, b, act=act)
+        return kernels.decode_linear(x, self.weight, b, act=act)  # Triton GEMV or cuBLAS
 
     def tensors(self):
         return [t for t in (self.weight, self.scale, self.bias) if t is not None]

@@ -211,7 +211,7 @@ def test_fused_blocks_through_the_triton_kernels():
     assert [row["arch"] for row in rows] == archs
     for row in rows:
         assert row["injected"] and row["rel_err"] <= 1e-4 and row["generate_same"], row
-        assert row["padded_same"], row
+        assert row["padded_same"] and row["single_same"], row
 
 
 def test_padded_decode_paths(monkeypatch):

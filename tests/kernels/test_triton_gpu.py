@@ -96,6 +96,33 @@ def test_gemv(nk, m, dtype):
     assert rel(y, F.linear(x.float(), w.float())) < TOL
 
 
+@pytest.mark.parametrize("nk,act", [((22016, 4096), "silu_gate"), ((10240, 2560), "gelu_tanh"),
+                                    ((16384, 4096), "gelu")])    # Llama, GPT-Neo, NeoX MLPs
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("m", [1, 4])
+def test_act_epilogue(nk, act, int8, m):
+    """The decode GEMVs with the MLP activation in their epilogue (int8 at M = 4: tl.dot, then
+    the activation kernel) against F.linear and torch's activation."""
+    n, k = nk
+    w = torch.randn(n, k, device=DEV) * 0.02
+    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+    b = torch.randn(n, device=DEV, dtype=torch.float16)
+    n_out = n // 2 if act == "silu_gate" else n
+    if int8:
+        q, s = quantize_ref(w, n)
+        y = int8_gemm.int8_linear(x, q, s, b, out=poison((m, n_out), torch.float16), act=act)
+        ref = int8_gemm.int8_linear_ref(x.float(), q, s, b.float())
+    else:
+        y = int8_gemm.gemv(x, w.half(), b, out=poison((m, n_out), torch.float16), act=act)
+        ref = F.linear(x.float(), w.half().float(), b.float())
+    if act == "silu_gate":
+        gate, up = ref.chunk(2, dim=-1)
+        ref = F.silu(gate) * up
+    else:
+        ref = F.gelu(ref, approximate="tanh" if act == "gelu_tanh" else "none")
+    assert rel(y, ref) < TOL
+
+
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [2560, 4096, 5120])

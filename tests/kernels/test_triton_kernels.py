@@ -174,6 +174,55 @@ def test_gemv(dtype, m, bias, gen):
     check(y, ref, dtype, gen[1], f"gemv {dtype} M={m}")
 
 
+def epilogue_ref(y: torch.Tensor, act: str) -> torch.Tensor:
+    """fp64 maths of the GEMM epilogues: silu(gate) * up of a packed [gate | up] y, or act(y)."""
+    if act == "silu_gate":
+        gate, up = y.double().chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    return activations.bias_act_ref(y.double(), None, act)
+
+
+EPILOGUE_ACTS = ["silu_gate", "gelu_tanh", "gelu", "relu"]
+
+
+@pytest.mark.parametrize("act", EPILOGUE_ACTS)
+@pytest.mark.parametrize("m", [1, 3])      # 1: the int8 GEMV's epilogue; 3: tl.dot, then the act
+@pytest.mark.parametrize("geometry", [(48, 64, 48, None), (48, 64, 6, 32), (44, 64, 1, None)])
+@pytest.mark.parametrize("tile", [None, (8, 64, 1, False), (4, 16, 1, True, False)])
+def test_int8_linear_act_epilogue(act, m, geometry, tile, gen):
+    """act in the GEMV epilogue equals the GEMM then the activation; "silu_gate" pairs each
+    gate row with the up row N / 2 further on (ragged halves: N = 44, 22 outputs)."""
+    n, k, groups, gs = geometry
+    q, s = quantize_ref(randn(gen, n, k), groups, gs)
+    s = fenced(s)
+    x, b = randn(gen, m, k), randn(gen, n)
+    n_out = n // 2 if act == "silu_gate" else n
+    y = int8_gemm.int8_linear(x, q, s, b, out=poison((m, n_out), torch.float32), config=tile,
+                              act=act)
+    want = epilogue_ref(int8_gemm.int8_linear_ref(x.double(), q, s, b.double()), act)
+    check(y, want, torch.float32, gen[1], f"int8 {act} M={m} {geometry} {tile}")
+
+
+@pytest.mark.parametrize("act", EPILOGUE_ACTS)
+@pytest.mark.parametrize("m", [1, 4, 16])   # the GEMV kernel (1, 4); 16: tl.dot, then the act
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_act_epilogue(act, m, dtype, gen):
+    n, k = 40, 96
+    w, x, b = randn(gen, n, k, dtype=dtype), randn(gen, m, k, dtype=dtype), randn(gen, n, dtype=dtype)
+    n_out = n // 2 if act == "silu_gate" else n
+    y = int8_gemm.gemv(x, w, b, out=poison((m, n_out), dtype), act=act)
+    want = epilogue_ref(int8_gemm.linear_ref(x.double(), w.double(), b.double()), act)
+    check(y, want, dtype, gen[1], f"gemv {act} {dtype} M={m}")
+
+
+def test_act_epilogue_rejects():
+    q = torch.zeros(6, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="even N"):
+        int8_gemm.int8_linear(torch.zeros(1, 8), q[:5], torch.ones(1, 1), act="silu_gate")
+    with pytest.raises(ValueError, match="unknown act"):
+        int8_gemm.int8_linear(torch.zeros(1, 8), q, torch.ones(1, 1), act="swish")
+
+
 # ----------------------------------------------------------------------------- norms
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])

@@ -40,13 +40,15 @@ def run(case: str) -> dict:
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     same = torch.equal(ref.generate(x["input_ids"], **kw),
                        engine.module.generate(x["input_ids"], **kw))
+    one = x["input_ids"][:1]          # batch 1: int8 decode runs the M = 1 GEMV (activation
+    single = torch.equal(ref.generate(one, **kw), engine.module.generate(one, **kw))  # epilogue)
     left = torch.ones_like(x["input_ids"])
     left[1, :3] = 0                 # left padding: the decode kernel skips each row's prefix
     kw.update(attention_mask=left, pad_token_id=0)
     padded = torch.equal(ref.generate(x["input_ids"], **kw),
                          engine.module.generate(x["input_ids"], **kw))
     return {"arch": case, "rel_err": ((got - want).abs().max() / want.abs().max()).item(),
-            "generate_same": same, "padded_same": padded,
+            "generate_same": same, "padded_same": padded, "single_same": single,
             "injected": any(type(m).__name__ == "BlockModule" for m in engine.module.modules())}
 
 
