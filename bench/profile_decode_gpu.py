@@ -78,17 +78,22 @@ def kernel_table(prof, steps: int) -> list:
 
 
 def ab_paths(model, dec, args, a, tag) -> int:
-    """Same weights, same process: every measured decode shape forced onto one path, then the
-    other; generate ms/token and graph replay ms for each (the dispatcher's choice first)."""
+    """Same weights, same process: one DECODE_PATHS setting, then the other(s); generate
+    ms/token and graph replay ms for each (`default` marks the tree's setting)."""
     from dsinfer.kernels import int8_gemm as G
-    key = "int8_m1" if a.int8 else "fp_m_le_4"
+    if a.ab == "act_epilogue":
+        key, settings = "act_epilogue", (True, False)
+    else:
+        key = "int8_m1" if a.int8 else "fp_m_le_4"
+        settings = ("gemv", "dot") if a.int8 else ("triton", "cublas")
     default = G.DECODE_PATHS[key]
-    for path in ("gemv", "dot") if a.int8 else ("triton", "cublas"):
+    for path in settings:
         G.DECODE_PATHS[key] = path
         dec.graphs.reset()
         gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
         g = dec.graphs.graphs[a.batch]
-        record(what="ab", path=path, default=path == default, ms_per_token=gen["ms_per_token"],
+        record(what="ab", setting=key, path=path, default=path == default,
+               ms_per_token=gen["ms_per_token"],
                graph_ms=round(events_ms(g.graph.replay, a.steps), 3), **tag)
     G.DECODE_PATHS[key] = default
     return 0
@@ -101,9 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", action="store_true",
-                   help="instead of the profile: the decode GEMMs forced onto each path in turn "
-                        "(fp16: triton | cublas; int8: gemv | dot), graphs recaptured, same run")
+    p.add_argument("--ab", nargs="?", const="path", choices=["path", "act_epilogue"],
+                   help="instead of the profile, each setting in turn with graphs recaptured in "
+                        "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
+                        " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
+                        "epilogue or after it")
     a = p.parse_args(argv)
     import dsinfer
     args = D.parse_args([])

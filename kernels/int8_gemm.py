@@ -580,7 +580,9 @@ def _tuned_gemv(block_m: int, max_bk: int):
 #   4096x4096 ~0.28 (8.6 us a call alone) vs 0.71 ms.
 # Benchmarks may set other values to compare (the paths are read at each call).
 DECODE_PATHS = {"fp_m_le_4": "triton",    # fp16/bf16 weights, rows <= GEMV_MAX_M: gemv | cublas
-                "int8_m1": "gemv"}        # int8, M = 1: _w8_gemv_kernel | tl.dot decode tiles
+                "int8_m1": "gemv",        # int8, M = 1: _w8_gemv_kernel | tl.dot decode tiles
+                "act_epilogue": True}     # MLP activations in the GEMV epilogue (not measured
+                                          # on a GPU yet) | False: the activation kernel after
 
 
 def _kind(M: int, quant: bool, config=None, path=None) -> str:
@@ -700,7 +702,8 @@ def _run(x, w, s, bias, out, quant: bool, col_group: int, config, act: str, what
     runs (_kind), else after the GEMM."""
     n = w.shape[0]
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    fused = act == "identity" or _kind(M, quant, config) != "dot"
+    fused = act == "identity" or (DECODE_PATHS["act_epilogue"]
+                                  and _kind(M, quant, config) != "dot")
     n_out = n // 2 if act == "silu_gate" and fused else n
     x2, y = _prepare(x, n, bias, out if fused else None, what, n_out)
     if x2.shape[0]:

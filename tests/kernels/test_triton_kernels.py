@@ -215,6 +215,17 @@ def test_gemv_act_epilogue(act, m, dtype, gen):
     check(y, want, dtype, gen[1], f"gemv {act} {dtype} M={m}")
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_act_epilogue_switch(fused, monkeypatch, gen):
+    """DECODE_PATHS["act_epilogue"] off: the GEMV, then the activation kernel; same values."""
+    monkeypatch.setitem(int8_gemm.DECODE_PATHS, "act_epilogue", fused)
+    q, s = quantize_ref(randn(gen, 48, 64), 48)
+    x, b = randn(gen, 1, 64), randn(gen, 48)
+    y = int8_gemm.int8_linear(x, q, s, b, out=poison((1, 24), torch.float32), act="silu_gate")
+    want = epilogue_ref(int8_gemm.int8_linear_ref(x.double(), q, s, b.double()), "silu_gate")
+    check(y, want, torch.float32, gen[1], f"act_epilogue={fused}")
+
+
 def test_act_epilogue_rejects():
     q = torch.zeros(6, 8, dtype=torch.int8)
     with pytest.raises(ValueError, match="even N"):
