@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dsinfer
+from dsinfer.inject.decoder import CACHE_FIELD
 from dsinfer.quantize import QuantConfig, dequantized_state_dict, quantize
 from helpers import hf_models
 
@@ -92,6 +93,38 @@ def test_int8_matches_dequantized_hf(tmp_path):
     with torch.no_grad():
         assert rel(ref(**x).logits, eng.module(**x).logits) <= 2e-2
     eng.module.generate(x["input_ids"], **GEN)            # graph capture over int8 kernels
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neo"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_batch1_decode_with_activation_epilogue(arch, int8):
+    """Batch 1: each decode GEMM is a GEMV with the MLP activation in its epilogue. A decode
+    step's logits equal those with the activation kernel after the GEMM (fp16: one rounding
+    less, within 1e-2), and generate captures and replays graphs over it."""
+    from dsinfer.kernels import int8_gemm
+    ref = hf_models.build(arch).half().cuda()
+    ids = hf_models.inputs(ref)["input_ids"][:1].cuda()
+    kw = dict(dtype=torch.float16)
+    if int8:
+        kw["quantization_setting"] = QuantConfig(groups="per-channel")
+    eng = engine(ref, enable_cuda_graph=True, **kw)
+
+    def step(fused: bool) -> torch.Tensor:
+        int8_gemm.DECODE_PATHS["act_epilogue"] = fused
+        try:
+            with torch.no_grad():
+                out = eng.module(input_ids=ids, use_cache=True)
+                cache = getattr(out, CACHE_FIELD, None) or out.past_key_values
+                nxt = out.logits[:, -1:].argmax(-1)
+                return eng.module(input_ids=nxt, use_cache=True, **{CACHE_FIELD: cache}).logits
+        finally:
+            int8_gemm.DECODE_PATHS["act_epilogue"] = True
+
+    assert rel(step(False), step(True)) <= 1e-2
+    eng.module.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+    decoder = next(m.dsinfer_decoder for m in eng.module.modules()
+                   if hasattr(m, "dsinfer_decoder"))
+    assert decoder.graphs.graphs, "no graph captured"
 
 
 @pytest.mark.parametrize("layout,heads,kv_heads,D,rope", [
