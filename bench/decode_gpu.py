@@ -391,7 +391,8 @@ def dsinfer_info() -> dict:
     return {"dsinfer": dsinfer.__version__, "dsinfer_path": os.path.dirname(dsinfer.__file__),
             "dsinfer_has_inject": importlib.util.find_spec("dsinfer.inject") is not None,
             "decode_paths": dict(getattr(int8_gemm, "DECODE_PATHS", {})),
-            "int8_fast_cvt": getattr(int8_gemm, "FAST_CVT", None)}
+            "int8_fast_cvt": getattr(int8_gemm, "FAST_CVT", None),
+            "lookahead": os.environ.get("DSINFER_LOOKAHEAD", "auto")}
 
 
 def prep_dsinfer(name, args, record, int8: bool, inject: bool, graph: bool, system: str):

@@ -81,6 +81,8 @@ def ab_paths(model, dec, args, a, tag) -> int:
     """Same weights, same process: one DECODE_PATHS setting, then the other(s); generate
     ms/token and graph replay ms for each (`default` marks the tree's setting)."""
     from dsinfer.kernels import int8_gemm as G
+    if a.ab == "lookahead":
+        return ab_lookahead(model, dec, args, a, tag)
     if a.ab == "act_epilogue":
         key, settings = "act_epilogue", (True, False)
     else:
@@ -99,6 +101,22 @@ def ab_paths(model, dec, args, a, tag) -> int:
     return 0
 
 
+def ab_lookahead(model, dec, args, a, tag) -> int:
+    """Guessed decode steps (dsinfer/inject/lookahead.py) on, then off: generate ms/token."""
+    la = dec.lookahead
+    for on in (True, False):
+        dec.lookahead = la if on else None
+        before = dict(la.stats) if la is not None else {}
+        gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
+        after = la.stats if la is not None else {}
+        record(what="ab", setting="lookahead", path="on" if on else "off", default=on,
+               ms_per_token=gen["ms_per_token"],
+               hits=after.get("hits", 0) - before.get("hits", 0) if on else 0,
+               misses=after.get("misses", 0) - before.get("misses", 0) if on else 0, **tag)
+    dec.lookahead = la
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama", choices=["llama", "neo"])
@@ -106,11 +124,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", nargs="?", const="path", choices=["path", "act_epilogue"],
+    p.add_argument("--ab", nargs="?", const="path",
+                   choices=["path", "act_epilogue", "lookahead"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
-                        "epilogue or after it")
+                        "epilogue or after it, 'lookahead' guessed decode steps on or off")
     a = p.parse_args(argv)
     import dsinfer
     args = D.parse_args([])
@@ -142,6 +161,7 @@ def main(argv=None) -> int:
     if a.ab:
         return ab_paths(model, dec, args, a, tag)
     graphs, dec.graphs = dec.graphs, None      # eager steps: one profiler record per kernel
+    dec.lookahead = None                       # (and no guessed steps beside them)
     loop = LeanLoop(model, ids)
     loop()
     torch.cuda.synchronize()

@@ -99,4 +99,17 @@ def inject(model: torch.nn.Module, spec, tp: TPGroup, device: torch.device,
             decoder.graphs = DecodeGraphs(decoder)
         else:
             info("dsinfer: enable_cuda_graph needs a GPU; running without graphs")
+    _install_lookahead(model, decoder, device)
     return True
+
+
+def _install_lookahead(model, decoder: FusedDecoder, device: torch.device) -> None:
+    """Guessed decode steps (lookahead.py) for generating models: by default where decode steps
+    replay CUDA graphs (what they hide is the host time between graph replays)."""
+    from dsinfer.inject import lookahead
+    mode = lookahead.mode()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (mode == "off" or head is None or not decoder.blocks[0].cfg.causal
+            or (mode == "auto" and decoder.graphs is None)):
+        return
+    decoder.lookahead = lookahead.Lookahead(decoder, head, device)

@@ -89,6 +89,7 @@ class StepCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.check_live()
+        self._settle()
         self.owner.buffers.reorder(beam_idx)
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, beam_idx.to(self.key_mask.device))
@@ -103,9 +104,15 @@ class StepCache:
         """n <= 0: drop the last -n positions (transformers >= 5.2x; crop(0) changes nothing);
         n > 0: keep the first n (older transformers: the absolute length)."""
         self.check_live()
+        self._settle()
         self.length = min(self.length, n if n > 0 else self.length + n)
         if self.key_mask is not None:
             self.key_mask = self.key_mask[:, :self.length]
+
+    def _settle(self) -> None:
+        """A look-ahead step may still be writing the buffers: wait for it, drop it."""
+        if getattr(self.owner, "lookahead", None) is not None:
+            self.owner.lookahead.cancel()
 
     def check_live(self) -> None:
         if self.epoch != self.owner.epoch:

@@ -21,6 +21,7 @@ from dsinfer.inject.block import FusedBlock, Step
 from dsinfer.inject.cache import KVBuffers, StepCache
 from dsinfer.tp import TPGroup
 
+_GUESSING = object()     # stands for the cache in a look-ahead step (step() checks "not None")
 _FIELDS = Output.__dataclass_fields__   # a superset of BaseModelOutputWithPast
 CACHE_FIELD = "cache" if "cache" in _FIELDS else "past_key_values"   # transformers >= 5.2x
 
@@ -41,6 +42,7 @@ class FusedDecoder:
             self.alibi = self.alibi.to(device)
         self.final_norm = adapter.final_norm(body)            # (w, b) or None
         self.graphs = None                                    # graphs.DecodeGraphs when enabled
+        self.lookahead = None                                 # lookahead.Lookahead when enabled
 
     # ------------------------------------------------------------------ tables and buffers
     def _rotary_tables(self, n: int) -> None:
@@ -93,16 +95,28 @@ class FusedDecoder:
         if position_ids is None:
             position_ids = self.adapter.positions(attention_mask, start, S, B, self.device)
         self._rotary_tables(start + S)
-        if self.graphs is not None and self.graphs.can_replay(cache, input_ids, S, key_mask,
-                                                              first_key):
+        one_step = (self.one_token_step(cache, input_ids, S, key_mask, first_key)
+                    and inputs_embeds is None and not any(v is not None and v is not False
+                                                       for v in kwargs.values()))
+        replay = one_step and self.graphs is not None
+        h = guessed = None
+        if self.lookahead is not None:
+            h = guessed = self.lookahead.take(cache, input_ids, position_ids, start, S,
+                                              first_key, not one_step)
+        if h is None and replay:
             h = self.graphs.replay(input_ids, position_ids, cache, start, key_mask, first_key)
-        else:
+        elif h is None:
             h = self.run(input_ids, inputs_embeds, position_ids, attention_mask, cache, start,
                          key_mask, first_key=first_key, **kwargs)
         if cache is not None:
             cache.length, cache.key_mask = start + S, key_mask
         out = Output(**{"last_hidden_state": h, CACHE_FIELD: cache})
-        return self.adapter.output(self.body, out)
+        if guessed is None:              # a guess's hidden states are already the body's output
+            out = self.adapter.output(self.body, out)
+        if self.lookahead is not None and one_step:
+            self.lookahead.offer(cache, input_ids, position_ids, start, S, first_key,
+                                 out.last_hidden_state)
+        return out
 
     def run(self, input_ids, inputs_embeds, positions, attention_mask, cache, start, key_mask,
             starts=None, lengths=None, first_key=None, **kwargs) -> torch.Tensor:
@@ -139,6 +153,34 @@ class FusedDecoder:
                 lengths = starts + S
         return Step(positions.to(self.device).long(), start, ck, cv, starts, lengths, key_mask,
                     self.cos, self.sin, self.alibi, first_key)
+
+    # ------------------------------------------------------------------ look-ahead steps
+    @staticmethod
+    def one_token_step(cache, input_ids, S: int, key_mask, first_key) -> bool:
+        """A decode step whose maths is the graphs' (and look-ahead's): one token per row of a
+        continued sequence, no padding or left padding only (first_key covers the mask)."""
+        return (cache is not None and cache.length > 0 and S == 1 and input_ids is not None
+                and (key_mask is None or first_key is not None))
+
+    def can_guess(self, batch: int, start: int) -> bool:
+        """A one-token step at cache index `start` can run without allocating or capturing
+        (what a step queued on a side stream must not do)."""
+        b = self.buffers
+        if b is None or b.batch != batch or b.max_len <= start:
+            return False
+        if self.rotary is not None and (self.cos is None or self.cos.shape[0] <= start):
+            return False
+        return self.graphs is None or self.graphs.ready(batch)
+
+    def guess_step(self, ids, positions, start: int, first_key) -> torch.Tensor:
+        """One decode step with guessed tokens [B, 1] at cache index `start`: writes that K/V
+        slot and returns the body's output hidden states (what the LM head reads); the cache's
+        bookkeeping is left to the real call."""
+        if self.graphs is not None:
+            h = self.graphs.replay(ids, positions, None, start, None, first_key)
+        else:
+            h = self.run(ids, None, positions, None, _GUESSING, start, None, first_key=first_key)
+        return self.adapter.output(self.body, Output(last_hidden_state=h)).last_hidden_state
 
     # ------------------------------------------------------------------ helpers
     def _incoming_cache(self, kwargs) -> Optional[StepCache]:

@@ -45,9 +45,9 @@ class DecodeGraphs:
         self.graphs.clear()
         self.pool = None
 
-    def can_replay(self, cache, input_ids, S: int, key_mask, first_key) -> bool:
-        return (cache is not None and cache.length > 0 and S == 1 and input_ids is not None
-                and (key_mask is None or first_key is not None))
+    def ready(self, batch: int) -> bool:
+        """A graph for this batch size exists and is current (a replay captures nothing)."""
+        return batch in self.graphs and self.tables is self.decoder.cos
 
     def replay(self, input_ids, positions, cache, start: int, key_mask=None, first_key=None
                ) -> torch.Tensor:

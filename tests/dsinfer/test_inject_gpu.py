@@ -43,6 +43,27 @@ def test_fp16_logits_and_graphs(arch):
     decoder = next(m.dsinfer_decoder for m in graphed.module.modules()
                    if hasattr(m, "dsinfer_decoder"))
     assert decoder.graphs.graphs, "no graph captured"
+    # guessed steps (lookahead.py) from the second decode step (the first captures the graph)
+    la = decoder.lookahead.stats
+    assert la["hits"] >= GEN["max_new_tokens"] - 3 and la["misses"] <= 1, la
+
+
+@pytest.mark.parametrize("extra", [dict(do_sample=True, top_k=5, num_return_sequences=2),
+                                   dict(num_beams=3), dict(repetition_penalty=3.0)],
+                         ids=["sampling", "beams", "repetition"])
+def test_graphs_with_missed_guesses(extra):
+    """Decoding whose next token is not the argmax: guessed steps miss and are recomputed from
+    the graph with the real token (same cache slot); tokens equal the eager fused model's."""
+    ref = hf_models.build("llama").half().cuda()
+    ids = hf_models.inputs(ref)["input_ids"][:1].cuda()
+    kw = dict(GEN, attention_mask=torch.ones_like(ids), pad_token_id=0, **extra)
+    eager = engine(ref, dtype=torch.float16)
+    graphed = engine(ref, dtype=torch.float16, enable_cuda_graph=True)
+    for _ in range(2):                   # the second call replays graphs from its first step
+        torch.manual_seed(0)
+        want = eager.module.generate(ids, **kw)
+        torch.manual_seed(0)
+        assert torch.equal(want, graphed.module.generate(ids, **kw)), extra
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neo", "bloom"])
