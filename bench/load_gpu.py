@@ -9,6 +9,8 @@ usage: python3 bench/load_gpu.py SECTION... [--model neo|llama] [--nproc N] [--w
   raw          safetensors.torch.load_file(device="cuda") of every shard
   dsinfer      meta-device model + dsinfer.init_inference(checkpoint=<TP nproc dsinfer folder>)
   check        dsinfer's model vs HF's on one input (max rel. logit difference)
+  io           this host's limits: page-cache read GB/s (1 and 8 threads), pinning 256 MB,
+               pinned host-to-device GB/s
 Timed sections run in a fresh subprocess twice (the second with a warm page cache); only the
 load call is timed (imports, interpreter start and CUDA context creation are not, for every
 section alike). Results: JSON lines.
@@ -21,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +35,7 @@ NEO = dict(hidden_size=2560, num_layers=32, num_heads=20, vocab_size=50257,
 LLAMA = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
 MODEL = os.environ.get("DSINFER_BENCH_MODEL", "neo")     # set by --model, read by children
+PHASES: dict = {}       # engine.load_seconds of a dsinfer section (printed with its time)
 
 
 def _config():
@@ -110,10 +114,46 @@ def load_dsinfer(work: Path) -> float:
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(cfg)
     t = time.perf_counter()
-    dsinfer.init_inference(model, tensor_parallel={"tp_size": world}, checkpoint=str(ckpt),
-                           dtype=torch.float16)
+    eng = dsinfer.init_inference(model, tensor_parallel={"tp_size": world},
+                                 checkpoint=str(ckpt), dtype=torch.float16)
     _sync()
+    PHASES.update(eng.load_seconds)
     return time.perf_counter() - t
+
+
+def io_limits(work: Path) -> dict:
+    """What bounds a load on this host: page-cache read rate with 1 and 8 threads (pread into
+    plain memory), pinning 256 MB, and pinned host-to-device copy rate."""
+    import concurrent.futures as cf
+    import numpy as np
+    files = sorted((work / f"{MODEL}-tp1").glob("*.safetensors"))
+    out = {}
+    for threads in (1, 8):
+        chunk = 16 << 20
+        jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, chunk)]
+        bufs = {}
+
+        def read(job):
+            f, off = job
+            buf = bufs.setdefault(threading.get_ident(), np.empty(chunk, np.uint8))
+            with open(f, "rb", buffering=0) as fh:
+                return os.preadv(fh.fileno(), [memoryview(buf)], off)
+        t = time.perf_counter()
+        with cf.ThreadPoolExecutor(threads) as pool:
+            n = sum(pool.map(read, jobs))
+        out[f"page_cache_GBps_{threads}t"] = round(n / (time.perf_counter() - t) / 1e9, 2)
+    t = time.perf_counter()
+    pinned = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    out["pin_256MB_s"] = round(time.perf_counter() - t, 4)
+    dev = torch.empty_like(pinned, device="cuda")
+    dev.copy_(pinned, non_blocking=True)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(8):
+        dev.copy_(pinned, non_blocking=True)
+    _sync()
+    out["h2d_pinned_GBps"] = round(8 * pinned.numel() / (time.perf_counter() - t) / 1e9, 2)
+    return out
 
 
 def check(work: Path) -> dict:
@@ -139,15 +179,17 @@ DISTRIBUTED = ("dsinfer", "hf_tp")      # sections that run under torchrun with 
 
 
 def child(section: str, work: Path) -> None:
-    if section == "check":
-        print(json.dumps({"section": "check", **check(work)}))
+    if section in ("check", "io"):
+        print(json.dumps({"section": section, **(check(work) if section == "check"
+                                                   else io_limits(work))}))
         return
     torch.empty(1, device="cuda")   # CUDA context up before the clock starts, for every section
     torch.cuda.synchronize()
     secs = TIMED[section](work)
     rank = int(os.environ.get("RANK", "0"))
     print(json.dumps({"section": section, "model": MODEL, "rank": rank, "world": int(
-        os.environ.get("WORLD_SIZE", "1")), "seconds": round(secs, 3)}), flush=True)
+        os.environ.get("WORLD_SIZE", "1")), "seconds": round(secs, 3),
+        **({"phases": PHASES} if PHASES else {})}), flush=True)
 
 
 def main() -> int:
@@ -180,9 +222,11 @@ def main() -> int:
                 print(json.dumps({"section": s, "error": out.stderr[-1500:]}), flush=True)
                 break
             secs = max(ln.get("seconds", 0) for ln in lines)
+            if len(lines) > 1:
+                lines[0]["phases"] = [ln.get("phases") for ln in lines]   # every rank's
             print(json.dumps({**lines[0], "attempt": attempt, "seconds": secs,
                               "nproc": args.nproc if s in DISTRIBUTED else 1}), flush=True)
-            if s == "check":
+            if s in ("check", "io"):
                 break
     return 0
 

@@ -5,6 +5,7 @@ import atexit
 import datetime
 import inspect
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -30,9 +31,13 @@ IGNORED = ("replace_method", "return_tuple", "training_mp_size", "triangular_mas
 class InferenceEngine(torch.nn.Module):
     """Holds the ready model as `.module`; calling the engine calls the model."""
 
-    def __init__(self, module: torch.nn.Module, tp: TPGroup, device: torch.device):
+    def __init__(self, module: torch.nn.Module, tp: TPGroup, device: torch.device,
+                 load_seconds: Optional[dict] = None):
         super().__init__()
         self.module, self.tp, self.device = module, tp, device
+        # where init_inference spent its time: group, open, comm, load, inject, total seconds
+        # (and `read`: the GPU fast path's file read, its bytes, threads and pinning time)
+        self.load_seconds = load_seconds or {}
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -185,10 +190,12 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     out_dtype = DTYPE_ARGS.get(str(dtype).replace("torch.", "")) if dtype is not None else None
     if out_dtype is torch.int8:
         qc, out_dtype = qc or QuantConfig(), None
+    clock = _Clock()
     tp = init_group(_tp_size(tensor_parallel, mp_size))
     device = _device()
     spec = _spec(model, injection_policy)
     path = _resolve_checkpoint(checkpoint, base_dir)
+    clock.mark("group")
     if path is not None:
         source = open_rank_source(path, spec, tp.size, tp.rank, qc, device, verify=verify)
         _check_architecture(spec, source)
@@ -199,12 +206,40 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
         state = {k: v for k, v in model.state_dict().items()}
         source = from_state_dict(state, model.config.to_dict(), spec, tp.size, tp.rank) if qc is None \
             else _quantized_state_source(state, model, spec, tp, qc)
+    clock.mark("open", sync=False)      # (a GPU fast path's read is still running)
+    # The first collective creates the NCCL communicator (~0.5 s or more): done while a GPU
+    # fast path's files are still being read in the background (loading.from_presharded).
+    _same_rng_on_all_ranks(tp, device)
+    clock.mark("comm", sync=False)
     load_into(model, spec, source, tp, device, out_dtype)
+    clock.mark("load")
     if replace_with_kernel_inject or enable_cuda_graph:
         from dsinfer.inject import inject
         inject(model, spec, tp, device, int(max_out_tokens), bool(enable_cuda_graph))
-    _same_rng_on_all_ranks(tp, device)
-    return InferenceEngine(model, tp, device)
+    clock.mark("inject")
+    if source.reading is not None:
+        clock.phases["read"] = {k: round(v, 4) if isinstance(v, float) else v
+                                for k, v in source.reading.stats.items()}
+    return InferenceEngine(model, tp, device, clock.done())
+
+
+class _Clock:
+    """Seconds per phase of init_inference (engine.load_seconds); the device is synchronised
+    at the marks after loading and injecting, so that queued GPU work counts there."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.phases = {}
+
+    def mark(self, phase: str, sync: bool = True) -> None:
+        if sync and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.phases[phase], self.last = round(now - self.last, 4), now
+
+    def done(self) -> dict:
+        self.phases["total"] = round(self.last - self.start, 4)
+        return self.phases
 
 
 def _same_rng_on_all_ranks(tp: TPGroup, device) -> None:

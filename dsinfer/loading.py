@@ -11,7 +11,7 @@ from dsinfer import specs
 from dsinfer.log import warn
 from dsinfer.formats import CheckpointError, Placement, open_checkpoint
 from dsinfer.formats import dsinfer_format
-from dsinfer.formats.bulk_read import read_to_device
+from dsinfer.formats.bulk_read import DeviceRead
 from dsinfer.formats.layout import shard
 
 
@@ -26,6 +26,7 @@ class RankSource:
         self.placements, self.styles, self._get = placements, styles, getter
         self.shapes, self.config, self.quantization = shapes, config, quantization
         self.architecture = architecture
+        self.reading = None     # formats.bulk_read.DeviceRead of a GPU fast path (its stats)
 
     @property
     def names(self):
@@ -45,12 +46,20 @@ def from_presharded(path: Path, rank: int, device=None) -> RankSource:
     styles = {n: i.get("style", "replicate") for n, i in tensors.items()}
     config = dsinfer_format.read_config(root)
     getter = lambda n: files.read(n, rank)  # noqa: E731
+    reading = None
     if device is not None and torch.device(device).type == "cuda":
-        loaded = read_to_device([f.path for f in files.rank_files(rank)], device)
-        getter = lambda n: loaded.pop(n) if n in loaded else files.read(n, rank)  # noqa: E731
-    return RankSource(placements, styles, getter,
-                      {n: tuple(i["shape"]) for n, i in tensors.items()}, config,
-                      manifest.get("quantization"), manifest.get("architecture"))
+        # started now, waited for at the first tensor asked for: what the caller does in
+        # between (NCCL set-up) overlaps the reads
+        reading = DeviceRead([f.path for f in files.rank_files(rank)], device)
+
+        def getter(n):
+            loaded = reading.result()
+            return loaded.pop(n) if n in loaded else files.read(n, rank)
+    source = RankSource(placements, styles, getter,
+                        {n: tuple(i["shape"]) for n, i in tensors.items()}, config,
+                        manifest.get("quantization"), manifest.get("architecture"))
+    source.reading = reading
+    return source
 
 
 def from_checkpoint(ckpt, spec, tp: int, rank: int) -> RankSource:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -72,28 +73,60 @@ def _jobs(files: List[SafetensorsFile], buffers) -> List[Tuple]:
     return out
 
 
+class DeviceRead:
+    """A read of whole files into `device` memory, running on worker threads from the moment it
+    is made (so the caller can do other work meanwhile, e.g. set up NCCL); `result()` waits
+    for it and gives {tensor name: tensor}. `stats` then holds its timings and sizes."""
+
+    def __init__(self, paths: List[Path], device, threads: int = THREADS):
+        t0 = time.perf_counter()
+        self.device = torch.device(device)
+        self.files = [SafetensorsFile(p) for p in paths]
+        sizes = [os.path.getsize(f.path) - f.data_start for f in self.files]
+        self.buffers = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes]
+        self.fds = {f.path: os.open(f.path, os.O_RDONLY) for f in self.files}
+        self.workers: Dict[int, _Worker] = {}
+        self.tensors = None
+        self.stats = {"bytes": sum(sizes), "threads": threads, "chunk_mb": CHUNK / 2 ** 20,
+                      "start_s": 0.0, "pin_s": 0.0, "read_s": 0.0}
+        self._t0 = t0
+        self.pool = cf.ThreadPoolExecutor(threads)
+        self.futures = [self.pool.submit(self._run, job)
+                        for job in _jobs(self.files, self.buffers)]
+        self.stats["start_s"] = time.perf_counter() - t0
+
+    def _run(self, job) -> None:
+        f, start, n, buf = job
+        w = self.workers.get(threading.get_ident())
+        if w is None:
+            t = time.perf_counter()
+            w = self.workers[threading.get_ident()] = _Worker(self.device)
+            self.stats["pin_s"] += time.perf_counter() - t      # summed over threads
+        w.copy(self.fds[f.path], f.data_start + start, n, buf[start:start + n], f.path)
+
+    def result(self) -> Dict[str, torch.Tensor]:
+        if self.tensors is None:
+            try:
+                for fut in self.futures:
+                    fut.result()
+                for w in self.workers.values():
+                    w.finish()
+            finally:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                for fd in self.fds.values():
+                    os.close(fd)
+                self.fds = {}
+            self.stats["read_s"] = time.perf_counter() - self._t0
+            self.tensors = {name: _tensor(buf, e) for f, buf in zip(self.files, self.buffers)
+                            for name, e in f.entries.items()}
+            self.buffers = []
+        return self.tensors
+
+
 def read_to_device(paths: List[Path], device, threads: int = THREADS
                    ) -> Dict[str, torch.Tensor]:
     """{tensor name: tensor on `device`} for every tensor of every file in `paths`."""
-    device = torch.device(device)
-    files = [SafetensorsFile(p) for p in paths]
-    sizes = [os.path.getsize(f.path) - f.data_start for f in files]
-    buffers = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
-    fds = {f.path: os.open(f.path, os.O_RDONLY) for f in files}
-    workers: Dict[int, _Worker] = {}
-    try:
-        def run(job):
-            f, start, n, buf = job
-            w = workers.setdefault(threading.get_ident(), _Worker(device))
-            w.copy(fds[f.path], f.data_start + start, n, buf[start:start + n], f.path)
-        with cf.ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, _jobs(files, buffers)))
-        for w in workers.values():
-            w.finish()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return {name: _tensor(buf, e) for f, buf in zip(files, buffers) for name, e in f.entries.items()}
+    return DeviceRead(paths, device, threads).result()
 
 
 def _tensor(buf: torch.Tensor, entry: dict) -> torch.Tensor:
