@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from dsinfer import specs
 from dsinfer.log import failed, info, one_line_errors, warn
+from dsinfer.fast_allreduce import NVLinkAllReduce
 from dsinfer.formats import CheckpointError
 from dsinfer.loading import RankSource, from_state_dict, open_rank_source
 from dsinfer.materialize import load_into
@@ -210,6 +211,7 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     # The first collective creates the NCCL communicator (~0.5 s or more): done while a GPU
     # fast path's files are still being read in the background (loading.from_presharded).
     _same_rng_on_all_ranks(tp, device)
+    tp.fast = NVLinkAllReduce.create(tp, device)
     clock.mark("comm", sync=False)
     load_into(model, spec, source, tp, device, out_dtype)
     clock.mark("load")

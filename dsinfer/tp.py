@@ -29,10 +29,16 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: Optional[object] = None   # torch.distributed process group (None = default)
+    fast: Optional[Callable] = None  # fast_allreduce.NVLinkAllReduce for small sums (GPU)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+        """The sum over ranks: in place through NCCL/gloo, or a new tensor from the NVLink
+        one-shot kernel for small ones. Callers use the returned tensor."""
+        if self.size == 1:
+            return x
+        if self.fast is not None and self.fast.fits(x):
+            return self.fast(x)
+        dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:

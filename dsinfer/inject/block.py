@@ -144,7 +144,7 @@ class FusedBlock:
         the GEMMs already added them (epilogue), and there is nothing to sum."""
         if self.tp.size == 1:
             return y
-        self.tp.all_reduce(y)
+        y = self.tp.all_reduce(y)
         for lin in lins:
             if lin.bias is not None:
                 y.add_(lin.bias)

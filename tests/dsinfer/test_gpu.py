@@ -38,4 +38,22 @@ def test_nccl_tp2_equals_hf(tmp_path):
         for case, v in res.items():
             limit = 2e-2 if ":int8" in case else 1e-3   # TF32 / reduction order on GPU
             assert v["injected"] == (":inject" in case), (rank, case)
+            assert v["fast_allreduce"], (rank, case)   # small sums by the NVLink kernel
             assert v["rel_err"] <= limit and v["generate_same"], (rank, case, v)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nvlink_one_shot_all_reduce(tmp_path):
+    """kernels.allreduce through dsinfer.fast_allreduce on 2 GPUs: equal to NCCL's sum for
+    odd sizes and every dtype, call after call (both buffer halves), and replayed from a CUDA
+    graph with new inputs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "dsinfer", "--num_gpus", "2", "--no_local_rank",
+                        str(SUPPORT / "allreduce_worker.py"), str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        res = json.loads(Path(f"{tmp_path / 'o'}.rank{rank}").read_text())
+        assert res["created"], res
+        assert not res["bad"], res["bad"][:5]
+        assert res["checked"] >= 40, res

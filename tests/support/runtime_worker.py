@@ -65,6 +65,7 @@ def run_case(workdir: Path, case: str) -> dict:
                                         engine.module.generate(x["input_ids"], **kw))
     injected = any(type(m).__name__ == "BlockModule" for m in engine.module.modules())
     return {"rel_err": rel, "generate_same": same, "injected": injected,
+            "fast_allreduce": engine.tp.fast is not None,
             "rank_files": sorted({p for p in OPENED if "/rank-" in p})}
 
 

@@ -1,0 +1,85 @@
+"""Tensor-parallel sums of decode-sized tensors without NCCL: kernels.allreduce's one-shot
+kernel over symmetric memory (torch.distributed._symmetric_memory: a buffer of the same size
+on every GPU of the group, each mapped into every rank's address space over NVLink).
+
+    fast = NVLinkAllReduce.create(tp, device)    # collective; None where it cannot run
+    y = fast(x) if fast is not None and fast.fits(x) else NCCL
+
+`create` runs on every rank at the same point (it allocates and exchanges the buffers), checks
+one sum against NCCL's, and all ranks agree through NCCL to use it only if it worked on all
+of them. Sums larger than a half buffer (256 KB by default, DSINFER_FAST_ALLREDUCE_KB) go to
+NCCL: the one-shot kernel reads every peer's whole tensor, which stops paying above that.
+Only for ranks on one host (LOCAL_WORLD_SIZE == WORLD_SIZE); DSINFER_FAST_ALLREDUCE=0 turns it
+off. Multicast is never used.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dsinfer.kernels import allreduce as K
+from dsinfer.log import info
+
+
+class NVLinkAllReduce:
+    def __init__(self, group, device: torch.device, half_bytes: int):
+        import torch.distributed._symmetric_memory as symm_mem
+        name = (group or dist.group.WORLD).group_name
+        self.half_bytes = half_bytes
+        self.buffer = symm_mem.empty(2 * half_bytes, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(self.buffer, name)
+        self.rank, self.world = handle.rank, handle.world_size
+        self.flags = symm_mem.empty(K.MAX_PROGRAMS * self.world, dtype=torch.int32,
+                                    device=device)
+        self.flags.zero_()
+        flag_handle = symm_mem.rendezvous(self.flags, name)
+        self.buffer_ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64,
+                                        device=device)
+        self.flag_ptrs = torch.tensor(list(flag_handle.buffer_ptrs), dtype=torch.int64,
+                                      device=device)
+        self.counters = torch.zeros(K.MAX_PROGRAMS, dtype=torch.int32, device=device)
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)        # every rank's flags are zero before anyone signals
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and K.fits(x, self.half_bytes)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return K.one_shot_all_reduce(x, self.buffer_ptrs, self.flag_ptrs, self.counters,
+                                     self.rank, self.world, self.half_bytes)
+
+    @classmethod
+    def create(cls, tp, device: torch.device) -> Optional["NVLinkAllReduce"]:
+        """Collective: every rank of `tp` calls it at the same point."""
+        if tp.size == 1 or device.type != "cuda" or not K.HAS_TRITON:
+            return None
+        wanted = os.environ.get("DSINFER_FAST_ALLREDUCE", "1") != "0" and int(
+            os.environ.get("LOCAL_WORLD_SIZE", tp.size)) == tp.size
+        half = int(os.environ.get("DSINFER_FAST_ALLREDUCE_KB", "256")) << 10
+        fast, why = None, "turned off or ranks on several hosts"
+        if wanted:
+            try:
+                fast = cls(tp.group, device, half)
+                why = "its check failed" if not fast._check(tp, device) else ""
+            except Exception as e:   # noqa: BLE001 - no peer access, no symmetric memory ...
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        ok = torch.tensor([0 if why else 1], device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=tp.group)
+        if not bool(ok.item()):
+            info("dsinfer: small tensor-parallel sums use NCCL (NVLink one-shot all-reduce "
+                 "not used: %s)", why or "it failed on another rank")
+            return None
+        return fast
+
+    def _check(self, tp, device) -> bool:
+        """A sum of rank-dependent values, twice (both buffer halves), equals NCCL's."""
+        good = True
+        for n in (1000, 5000):
+            x = torch.arange(n, device=device, dtype=torch.float32) * (tp.rank + 1)
+            want = x.clone()
+            dist.all_reduce(want, group=tp.group)
+            good &= torch.equal(self(x), want)
+        return bool(good)
