@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+os.environ.setdefault("DSINFER_FAST_ALLREDUCE", "1")    # the kernel under test is opt-in
+
 from dsinfer.engine import init_group
 from dsinfer.fast_allreduce import NVLinkAllReduce
 

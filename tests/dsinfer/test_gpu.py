@@ -18,7 +18,9 @@ SUPPORT = Path(__file__).resolve().parents[1] / "support"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_nccl_tp2_equals_hf(tmp_path):
+@pytest.mark.parametrize("fast", [False, True], ids=["nccl", "nvlink-one-shot"])
+def test_nccl_tp2_equals_hf(tmp_path, monkeypatch, fast):
+    monkeypatch.setenv("DSINFER_FAST_ALLREDUCE", "1" if fast else "0")
     for arch in ("llama", "gpt2", "bloom", "gpt_neox", "opt"):
         src = hf_models.save(hf_models.build(arch), tmp_path / arch / "hf")
         reshard(src, tmp_path / arch / "tp2", tp=2, progress=False)
@@ -38,7 +40,7 @@ def test_nccl_tp2_equals_hf(tmp_path):
         for case, v in res.items():
             limit = 2e-2 if ":int8" in case else 1e-3   # TF32 / reduction order on GPU
             assert v["injected"] == (":inject" in case), (rank, case)
-            assert v["fast_allreduce"], (rank, case)   # small sums by the NVLink kernel
+            assert v["fast_allreduce"] == fast, (rank, case)   # small sums: NVLink kernel
             assert v["rel_err"] <= limit and v["generate_same"], (rank, case, v)
 
 
@@ -47,7 +49,8 @@ def test_nvlink_one_shot_all_reduce(tmp_path):
     """kernels.allreduce through dsinfer.fast_allreduce on 2 GPUs: equal to NCCL's sum for
     odd sizes and every dtype, call after call (both buffer halves), and replayed from a CUDA
     graph with new inputs."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")]),
+           "DSINFER_FAST_ALLREDUCE": "1"}
     r = subprocess.run([sys.executable, "-m", "dsinfer", "--num_gpus", "2", "--no_local_rank",
                         str(SUPPORT / "allreduce_worker.py"), str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=300, env=env)
