@@ -126,7 +126,7 @@ def io_limits(work: Path) -> dict:
     plain memory), pinning 256 MB, and pinned host-to-device copy rate."""
     import concurrent.futures as cf
     import numpy as np
-    files = sorted((work / f"{MODEL}-tp1").glob("*.safetensors"))
+    files = sorted((work / f"{MODEL}-tp1").rglob("*.safetensors"))
     out = {}
     for threads in (1, 8):
         chunk = 16 << 20
