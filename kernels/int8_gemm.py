@@ -599,8 +599,10 @@ def _tuned_gemv(block_m: int, max_bk: int, rows: tuple = ()):
 # Benchmarks may set other values to compare (the paths are read at each call).
 DECODE_PATHS = {"fp_m_le_4": "triton",    # fp16/bf16 weights, rows <= GEMV_MAX_M: gemv | cublas
                 "int8_m1": "gemv",        # int8, M = 1: _w8_gemv_kernel | tl.dot decode tiles
-                "act_epilogue": True}     # MLP activations in the GEMV epilogue (not measured
-                                          # on a GPU yet) | False: the activation kernel after
+                "act_epilogue": True,     # MLP activations in the GEMV epilogue | False: the
+                                          # activation kernel after
+                "balanced_rows": False}   # fp GEMV tiles limited to _balanced_rows(N) (not yet
+                                          # measured: profile_decode_gpu.py --ab balanced_rows)
 
 
 def _kind(M: int, quant: bool, config=None, path=None) -> str:
@@ -646,7 +648,7 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
         block_m = triton.next_power_of_2(M)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-            rows = _balanced_rows(N, x2.device)
+            rows = _balanced_rows(N, x2.device) if DECODE_PATHS["balanced_rows"] else ()
             _tuned_gemv(block_m, _max_block_k(col_group), rows)[grid](*args, **flags, ACT=act,
                                                                       BLOCK_M=block_m)
             return
