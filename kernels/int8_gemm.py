@@ -562,12 +562,16 @@ def _tuned_w8_gemv():
     return triton.autotune(configs=configs, key=["N", "K", "COL_GROUP"])(heur)
 
 
-def _balanced_rows(N: int, device) -> tuple:
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _balanced_rows(N: int, sms: int) -> tuple:
     """The GEMV BLOCK_N values whose cdiv(N, BLOCK_N) programs spread evenly over the SMs.
     A decode GEMV is bandwidth-bound and lasts as long as its busiest SM: at N = 2560 (GPT-Neo-
     2.7B's o and fc_out) 8-row programs put 2.4 on an average H100 SM and 3 on the busiest, and
     the GEMVs reached 79% of copy bandwidth against 96% for Llama-7B's shapes (profile, H100)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     choices = sorted({t[0] for tiles in _GEMV_TILES.values() for t in tiles})
     even = []
     for bn in choices:
@@ -648,7 +652,8 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
         block_m = triton.next_power_of_2(M)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-            rows = _balanced_rows(N, x2.device) if DECODE_PATHS["balanced_rows"] else ()
+            rows = (_balanced_rows(N, _sm_count(x2.device.index or 0))
+                    if DECODE_PATHS["balanced_rows"] else ())
             _tuned_gemv(block_m, _max_block_k(col_group), rows)[grid](*args, **flags, ACT=act,
                                                                       BLOCK_M=block_m)
             return

@@ -503,3 +503,12 @@ def test_import_and_run_without_triton():
     res = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True,
                          env=env, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_balanced_gemv_rows():
+    """GEMV tiles whose programs spread evenly over 132 SMs (H100/H200): 8-row tiles put 2.4
+    programs on an average SM at N = 2560 and 3 on the busiest, so only 2- and 4-row ones
+    qualify; every tile height divides N = 4096 evenly enough."""
+    rows = int8_gemm._balanced_rows(2560, 132)
+    assert 4 in rows and 8 not in rows, rows
+    assert {8, 16, 32} <= set(int8_gemm._balanced_rows(4096, 132))
