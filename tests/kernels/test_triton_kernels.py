@@ -30,6 +30,7 @@ DTYPES = [torch.float32, torch.float16]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
 # tests that run in any process; every other test here needs the interpreter
 ANYWHERE = {"test_interpreter_suite", "test_cpu_without_interpreter_runs_the_references",
+            "test_balanced_gemv_rows",
             "test_import_and_run_without_triton"}
 
 
