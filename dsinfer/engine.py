@@ -210,7 +210,7 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     clock.mark("open", sync=False)      # (a GPU fast path's read is still running)
     # The first collective creates the NCCL communicator (~0.5 s or more): done while a GPU
     # fast path's files are still being read in the background (loading.from_presharded).
-    _same_rng_on_all_ranks(tp, device)
+    _warm_up_group(tp, device)
     tp.fast = NVLinkAllReduce.create(tp, device)
     clock.mark("comm", sync=False)
     load_into(model, spec, source, tp, device, out_dtype)
@@ -218,6 +218,8 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     if replace_with_kernel_inject or enable_cuda_graph:
         from dsinfer.inject import inject
         inject(model, spec, tp, device, int(max_out_tokens), bool(enable_cuda_graph))
+    # also the point where every rank has loaded: a rank that failed stops the others here
+    _same_rng_on_all_ranks(tp, device)
     clock.mark("inject")
     if source.reading is not None:
         clock.phases["read"] = {k: round(v, 4) if isinstance(v, float) else v
@@ -242,6 +244,14 @@ class _Clock:
     def done(self) -> dict:
         self.phases["total"] = round(self.last - self.start, 4)
         return self.phases
+
+
+def _warm_up_group(tp: TPGroup, device) -> None:
+    """One tiny collective, so that NCCL creates its communicator now (lazily it would on the
+    first decode step or at the end of loading) while the rank's files stream in."""
+    if tp.size > 1:
+        flag = torch.zeros(1, device=device if device.type == "cuda" else "cpu")
+        dist.broadcast(flag, src=0, group=tp.group)
 
 
 def _same_rng_on_all_ranks(tp: TPGroup, device) -> None:
