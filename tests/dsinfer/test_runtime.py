@@ -129,3 +129,18 @@ def test_bad_input_fails_cleanly_on_every_rank(mode, world, needle, workdir, tmp
     assert r.returncode != 0
     assert needle in r.stderr, r.stderr[-2000:]
     assert "dsinfer: rank" in r.stderr   # the launcher names the failing rank and stops the rest
+
+
+def test_load_seconds_name_every_phase(workdir):
+    """engine.load_seconds: where init_inference spent its time (bench/load_gpu.py records it)."""
+    import torch
+
+    import dsinfer
+    ref = hf_models.build("llama")
+    with torch.device("meta"):
+        model = type(ref)(ref.config)
+    engine = dsinfer.init_inference(model, checkpoint=str(workdir / "llama" / "tp1"))
+    t = engine.load_seconds
+    assert set(t) >= {"group", "open", "comm", "load", "inject", "total"}, t
+    parts = sum(v for k, v in t.items() if k not in ("total", "read"))
+    assert all(v >= 0 for k, v in t.items() if k != "read") and abs(parts - t["total"]) < 1e-2
