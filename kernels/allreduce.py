@@ -61,14 +61,15 @@ def _one_shot_kernel(x_ptr, out_ptr, bufs_ptr, flags_ptr, counters_ptr, n, half_
 
 
 def one_shot_all_reduce(x: torch.Tensor, buffers: torch.Tensor, flags: torch.Tensor,
-                        counters: torch.Tensor, rank: int, world: int, half_bytes: int
-                        ) -> torch.Tensor:
+                        counters: torch.Tensor, rank: int, world: int, half_bytes: int,
+                        out: torch.Tensor = None) -> torch.Tensor:
     """The sum over ranks of x (contiguous, numel <= MAX_PROGRAMS * BLOCK and <= half_bytes
     of its dtype), as a new tensor. buffers / flags: int64 [world] addresses of every rank's
     buffer (2 * half_bytes) and flags (int32 [MAX_PROGRAMS, world]) as mapped here;
-    counters: this rank's int32 [MAX_PROGRAMS], zero at the start on every rank."""
+    counters: this rank's int32 [MAX_PROGRAMS], zero at the start on every rank. `out` (like
+    x) receives the sum when given."""
     n = x.numel()
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     grid = (triton.cdiv(n, BLOCK),)
     _one_shot_kernel[grid](x, out, buffers, flags, counters, n, half_bytes // x.element_size(),
                            RANK=rank, WORLD=world, BLOCK=BLOCK, num_warps=4)

@@ -23,7 +23,8 @@ def _rank(r, bufs, flags, outq):
     for i, n in enumerate(SIZES):
         g = torch.Generator().manual_seed(100 * i + r)
         x = torch.randn(n, generator=g).to(torch.float16 if i % 2 else torch.float32)
-        results.append(K.one_shot_all_reduce(x, bp, fp, counters, r, WORLD, HALF))
+        out = torch.full_like(x, float("nan"))        # poisoned: every element must be written
+        results.append(K.one_shot_all_reduce(x, bp, fp, counters, r, WORLD, HALF, out=out))
     # plain lists: a shared tensor would need the child alive until the parent reads it
     outq.put((r, [t.tolist() for t in results], counters[:4].tolist()))
 
