@@ -36,7 +36,7 @@ class InferenceEngine(torch.nn.Module):
                  load_seconds: Optional[dict] = None):
         super().__init__()
         self.module, self.tp, self.device = module, tp, device
-        # where init_inference spent its time: group, open, comm, load, inject, total seconds
+        # where init_inference spent its time: group, open, comm, load, inject, agree, total seconds
         # (and `read`: the GPU fast path's file read, its bytes, threads and pinning time)
         self.load_seconds = load_seconds or {}
 
@@ -218,9 +218,10 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     if replace_with_kernel_inject or enable_cuda_graph:
         from dsinfer.inject import inject
         inject(model, spec, tp, device, int(max_out_tokens), bool(enable_cuda_graph))
+    clock.mark("inject")
     # also the point where every rank has loaded: a rank that failed stops the others here
     _same_rng_on_all_ranks(tp, device)
-    clock.mark("inject")
+    clock.mark("agree", sync=False)
     if source.reading is not None:
         clock.phases["read"] = {k: round(v, 4) if isinstance(v, float) else v
                                 for k, v in source.reading.stats.items()}

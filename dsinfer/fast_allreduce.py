@@ -63,11 +63,11 @@ class NVLinkAllReduce:
     @classmethod
     def create(cls, tp, device: torch.device) -> Optional["NVLinkAllReduce"]:
         """Collective: every rank of `tp` calls it at the same point."""
-        if tp.size == 1 or device.type != "cuda" or not K.HAS_TRITON:
-            return None
-        wanted = enabled() and int(os.environ.get("LOCAL_WORLD_SIZE", tp.size)) == tp.size
+        if tp.size == 1 or device.type != "cuda" or not K.HAS_TRITON or not enabled():
+            return None                 # (the same environment on every rank: no collective)
+        wanted = int(os.environ.get("LOCAL_WORLD_SIZE", tp.size)) == tp.size
         half = int(os.environ.get("DSINFER_FAST_ALLREDUCE_KB", "256")) << 10
-        fast, why = None, "not asked for (DSINFER_FAST_ALLREDUCE=1) or ranks on several hosts"
+        fast, why = None, "ranks on several hosts"
         if wanted:
             try:
                 fast = cls(tp.group, device, half)

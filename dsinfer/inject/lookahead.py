@@ -77,23 +77,24 @@ class Lookahead:
 
     # ------------------------------------------------------------------ decoder side
     def take(self, cache, input_ids, positions, start: int, S: int, first_key,
-             extra_kwargs: bool) -> Optional[torch.Tensor]:
+             other_step: bool) -> Optional[torch.Tensor]:
         """The guessed hidden states for this call, or None (then any pending guess is dropped,
-        after the main stream has waited for it)."""
+        after the main stream has waited for it). other_step: not a plain one-token decode step
+        (extra inputs, a mask with holes): never served from a guess."""
         g, self.guess = self.guess, None
         self.last = self.served = None
         if g is None:
             return None
         try:
             return self._check(g, cache, input_ids, positions, start, S, first_key,
-                               extra_kwargs)
+                               other_step)
         finally:
             self._wait(g)       # after the check: its sync must not wait for the side stream
 
     def _check(self, g: _Guess, cache, input_ids, positions, start, S, first_key,
-               extra_kwargs) -> Optional[torch.Tensor]:
+               other_step) -> Optional[torch.Tensor]:
         if (cache is None or g.epoch != cache.epoch or g.start != start or S != 1
-                or input_ids is None or extra_kwargs or first_key is not g.first_key
+                or input_ids is None or other_step or first_key is not g.first_key
                 or input_ids.shape != g.ids.shape):
             return None
         # one sync on the main stream; the ids were made there, the side stream may still run
