@@ -384,6 +384,15 @@ def quant_setting(text: str):
     return (int(groups), extra == "extra")
 
 
+
+def _pdl_on():
+    """Whether dsinfer's kernels launch with programmatic dependent launch (DSINFER_PDL)."""
+    try:
+        from dsinfer.kernels import _triton
+    except ImportError:
+        return None
+    return _triton.PDL["on"]
+
 def dsinfer_info() -> dict:
     import importlib.util
     import dsinfer
@@ -392,7 +401,8 @@ def dsinfer_info() -> dict:
             "dsinfer_has_inject": importlib.util.find_spec("dsinfer.inject") is not None,
             "decode_paths": dict(getattr(int8_gemm, "DECODE_PATHS", {})),
             "int8_fast_cvt": getattr(int8_gemm, "FAST_CVT", None),
-            "lookahead": os.environ.get("DSINFER_LOOKAHEAD", "auto")}
+            "lookahead": os.environ.get("DSINFER_LOOKAHEAD", "auto"),
+            "pdl": _pdl_on()}
 
 
 def prep_dsinfer(name, args, record, int8: bool, inject: bool, graph: bool, system: str):

@@ -83,6 +83,8 @@ def ab_paths(model, dec, args, a, tag) -> int:
     from dsinfer.kernels import int8_gemm as G
     if a.ab == "lookahead":
         return ab_lookahead(model, dec, args, a, tag)
+    if a.ab == "pdl":
+        return ab_pdl(model, dec, args, a, tag)
     if a.ab in ("act_epilogue", "balanced_rows"):
         key, settings = a.ab, (True, False)
     else:
@@ -98,6 +100,30 @@ def ab_paths(model, dec, args, a, tag) -> int:
                ms_per_token=gen["ms_per_token"],
                graph_ms=round(events_ms(g.graph.replay, a.steps), 3), **tag)
     G.DECODE_PATHS[key] = default
+    return 0
+
+
+def ab_pdl(model, dec, args, a, tag) -> int:
+    """Programmatic dependent launch (kernels/_triton.py) with the GEMVs' L2 prefetch, without
+    it, and off, graphs recaptured: generate ms/token and graph replay ms, twice over."""
+    from dsinfer.kernels import _triton as T
+    default = dict(T.PDL)
+    ids = D.prompt(model.config.vocab_size, a.batch, args.prompt, args.seed, args.device)
+    first = None
+    for on, pf in [(True, True), (True, False), (False, True)] * 2:
+        T.PDL.update(on=on, prefetch=pf)
+        dec.graphs.reset()
+        gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
+        g = dec.graphs.graphs[a.batch]
+        with torch.inference_mode():   # the same greedy tokens either way (graphs replayed)
+            toks = D.generate(model, ids, 32)
+        first = toks if first is None else first
+        record(what="ab", setting="pdl", path=on, l2_prefetch=on and pf,
+               default=on == default["on"],
+               ms_per_token=gen["ms_per_token"],
+               graph_ms=round(events_ms(g.graph.replay, a.steps), 3),
+               tokens_as_first=bool(torch.equal(toks, first)), **tag)
+    T.PDL.update(default)
     return 0
 
 
@@ -125,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--ab", nargs="?", const="path",
-                   choices=["path", "act_epilogue", "balanced_rows", "lookahead"],
+                   choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "

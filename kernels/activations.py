@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import interpreting as _interpreting  # noqa: F401
 from ._triton import use_triton as _use_triton
+from ._triton import pdl_args, pdl_wait_then_release
 
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu", "identity")
@@ -45,7 +46,9 @@ def _bias_act_kernel(
     ACT: tl.constexpr,            # one of ACTIVATIONS
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,          # features per program
+    PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
+    pdl_wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -62,7 +65,9 @@ def _silu_mul_kernel(
     y_ptr,        # [R, N] output (contiguous)
     N, stride_a, stride_b,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
+    pdl_wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -102,7 +107,7 @@ def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "g
     if x2.numel():
         _bias_act_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](
             x2, bias if bias is not None else x2, y, N, x2.stride(0),
-            ACT=act, HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=4)
+            ACT=act, HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=4, **pdl_args(x2))
     return y
 
 
@@ -125,7 +130,8 @@ def silu_mul(a: torch.Tensor, b: Optional[torch.Tensor] = None,
     BLOCK = min(triton.next_power_of_2(N), 2048)
     if a2.numel():
         _silu_mul_kernel[(a2.shape[0], triton.cdiv(N, BLOCK))](
-            a2, b2, y, N, a2.stride(0), b2.stride(0), BLOCK=BLOCK, num_warps=4)
+            a2, b2, y, N, a2.stride(0), b2.stride(0), BLOCK=BLOCK, num_warps=4,
+            **pdl_args(a2))
     return y
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import interpreting as _interpreting  # noqa: F401
 from ._triton import use_triton as _use_triton
+from ._triton import pdl_args, pdl_wait_then_release
 
 
 LOG2E = 1.4426950408889634
@@ -85,7 +86,9 @@ def _decode_attn_kernel(
     BLOCK_R: tl.constexpr,      # rows: (query head in group, query token) pairs, >= 16
     BLOCK_N: tl.constexpr,      # keys per step
     BLOCK_D: tl.constexpr,      # power of two >= HEAD_DIM
+    PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
+    pdl_wait_then_release(PDL)
     b = tl.program_id(0) // Hkv
     kvh = tl.program_id(0) % Hkv
     split = tl.program_id(2)
@@ -150,7 +153,9 @@ def _combine_kernel(
     stride_ob, stride_oh, stride_os,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
+    pdl_wait_then_release(PDL)
     row = tl.program_id(0)                       # (b * Hq + h) * SQ + t
     b = row // (Hq * SQ)
     h = (row // SQ) % Hq
@@ -262,11 +267,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         HAS_FIRST=first_key is not None, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
-        num_stages=3 if BLOCK_D <= 128 else 2)
+        num_stages=3 if BLOCK_D <= 128 else 2, **pdl_args(q))
     if num_splits > 1:
         _combine_kernel[(B * Hq * SQ,)](
             ml, part, out, Hq, SQ, *out.stride()[:3], NUM_SPLITS=num_splits, HEAD_DIM=D,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D, num_warps=4)
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D, num_warps=4,
+            **pdl_args(q))
     return out
 
 

@@ -43,6 +43,7 @@ from .quant_ref import dequantize_ref
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import interpreting as _interpreting  # noqa: F401
 from ._triton import use_triton as _use_triton
+from ._triton import PDL, pdl_launch, pdl_wait_then_release, prefetch_l2
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -153,6 +154,19 @@ def _weight_rows(pid_n, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
+def _pdl_start(w_ptr, offs_n, n_mask, stride_wn, stride_wk, K, BLOCK_K: tl.constexpr,
+               W_LINE: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr):
+    # With PDL (kernels/_triton.py): before waiting for the kernel before, ask L2 for the first
+    # two K-tiles of this program's weight rows (W_LINE elements = one 128-byte line; weights
+    # are read-only, so this may overlap that kernel), then wait and let the next one launch.
+    if PDL and PF:
+        rows = tl.where(n_mask, offs_n, 0)
+        k = tl.minimum(tl.arange(0, (2 * BLOCK_K + W_LINE - 1) // W_LINE) * W_LINE, K - 1)
+        prefetch_l2(w_ptr + rows[:, None] * stride_wn + k[None, :] * stride_wk)
+    pdl_wait_then_release(PDL)
+
+
+@triton.jit
 def _act_store(y, y_ptr, offs_m, m_mask, pid_n, N, stride_ym, stride_yn,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr):
     # y [BLOCK_M, BLOCK_N] fp32 (scaled, bias added) -> act(y) into y_ptr [M, N], or for
@@ -190,6 +204,7 @@ def _w8_gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     VEC: tl.constexpr,        # elements per chunk (8: one 8-byte load of w, one 16-byte of x)
     PREFETCH: tl.constexpr,   # load the next K-tile before converting the current one
+    PDL: tl.constexpr = False, PF: tl.constexpr = False, W_LINE: tl.constexpr = 128,  # _pdl_start
 ):
     # M = 1 weight-only GEMV on CUDA cores (grid axis 1 walks the rows of x, each re-reading w,
     # for tests and M > 1 configs). The tile is [BLOCK_N, BLOCK_K / VEC, VEC] and x is loaded
@@ -200,6 +215,7 @@ def _w8_gemv_kernel(
     x_ptr += pid_m * stride_xm
     y_ptr += pid_m * stride_ym
     offs_n, n_mask = _weight_rows(pid_n, N, BLOCK_N, ACT == "silu_gate")
+    _pdl_start(w_ptr, offs_n, n_mask, stride_wn, stride_wk, K, BLOCK_K, W_LINE, PDL, PF)
     kc = tl.arange(0, BLOCK_K // VEC) * VEC                               # [KC] chunk starts
     kk = kc[:, None] + tl.arange(0, VEC)[None, :]                          # [KC, VEC]
     w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + kk[None, :, :] * stride_wk
@@ -280,6 +296,7 @@ def _linear_kernel(
     GROUP_M: tl.constexpr,    # tiles of M per group in the launch order (L2 reuse of w)
     SWAP_AB: tl.constexpr,    # accumulate y.T = w @ x.T (weight tile as the first MMA operand)
     FAST_CVT: tl.constexpr = False,  # PRMT-based int8 conversion (inline PTX; not interpreted)
+    PDL: tl.constexpr = False, PF: tl.constexpr = False, W_LINE: tl.constexpr = 64,  # _pdl_start
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -287,6 +304,7 @@ def _linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    _pdl_start(w_ptr, offs_n, n_mask, stride_wn, stride_wk, K, BLOCK_K, W_LINE, PDL, PF)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
     s_rows = s_ptr + (offs_n // rows_per_group) * stride_sg                      # [BLOCK_N]
@@ -392,6 +410,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr,   # issue the next K-tile's loads before using the current one
     REDUCE_K: tl.constexpr,   # sum over each K-tile at once: fewer registers, so bigger tiles
+    PDL: tl.constexpr = False, PF: tl.constexpr = False, W_LINE: tl.constexpr = 64,  # _pdl_start
 ):
     # No tensor cores: each program streams a [BLOCK_N, K] strip of w and keeps per-lane partial
     # products in a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 tile, reduced over K once at the end; that
@@ -402,6 +421,7 @@ def _gemv_kernel(
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n, n_mask = _weight_rows(pid_n, N, BLOCK_N, ACT == "silu_gate")
+    _pdl_start(w_ptr, offs_n, n_mask, stride_wn, stride_wk, K, BLOCK_K, W_LINE, PDL, PF)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
@@ -525,7 +545,10 @@ _GEMV_TILES = {
 }
 # _w8_gemv_kernel candidates (M = 1): (BLOCK_N, BLOCK_K, num_warps, PREFETCH)
 _W8_GEMV_TILES = [(8, 1024, 4, False), (16, 512, 4, False), (4, 1024, 4, False),
-                  (8, 512, 4, False), (16, 1024, 8, False), (4, 2048, 8, False)]
+                  (8, 512, 4, False), (16, 1024, 8, False), (4, 2048, 8, False),
+                  # prefetching tiles: the next K-tile's loads are in flight while this one
+                  # converts, for more bytes in flight a program (unmeasured in the graph)
+                  (8, 1024, 4, True), (8, 512, 4, True), (8, 2048, 8, False)]
 _INTERPRET_W8_GEMV_TILE = (16, 32, 1, True)
 _INTERPRET_TILE = (16, 16, 32, False, 1, 1)   # small: the interpreter runs programs one by one
 _INTERPRET_GEMV_TILE = (16, 32, 1, False, False)
@@ -555,9 +578,10 @@ def _tuned(decode: bool, max_bk: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_w8_gemv():
+def _tuned_w8_gemv(rows: tuple = ()):
+    fits = [t for t in _W8_GEMV_TILES if t[0] in rows] or _W8_GEMV_TILES
     configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pf), num_warps=w, num_stages=1)
-               for bn, bk, w, pf in _W8_GEMV_TILES]
+               for bn, bk, w, pf in fits]
     heur = triton.heuristics({"EVEN_K": _even_k})(_w8_gemv_kernel)
     return triton.autotune(configs=configs, key=["N", "K", "COL_GROUP"])(heur)
 
@@ -572,13 +596,22 @@ def _balanced_rows(N: int, sms: int) -> tuple:
     A decode GEMV is bandwidth-bound and lasts as long as its busiest SM: at N = 2560 (GPT-Neo-
     2.7B's o and fc_out) 8-row programs put 2.4 on an average H100 SM and 3 on the busiest, and
     the GEMVs reached 79% of copy bandwidth against 96% for Llama-7B's shapes (profile, H100)."""
-    choices = sorted({t[0] for tiles in _GEMV_TILES.values() for t in tiles})
+    choices = sorted({t[0] for tiles in _GEMV_TILES.values() for t in tiles}
+                     | {t[0] for t in _W8_GEMV_TILES})
     even = []
     for bn in choices:
         per_sm = triton.cdiv(N, bn) / sms
         if -(-per_sm // 1) / per_sm <= 1.12:
             even.append(bn)
     return tuple(even) or (min(choices),)
+
+
+def _even_rows(N: int, x: torch.Tensor) -> tuple:
+    """The GEMV row counts to choose from at N rows: _balanced_rows where DECODE_PATHS says
+    so, else () (any)."""
+    if not DECODE_PATHS["balanced_rows"]:
+        return ()
+    return _balanced_rows(N, _sm_count(x.device.index or 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -605,8 +638,8 @@ DECODE_PATHS = {"fp_m_le_4": "triton",    # fp16/bf16 weights, rows <= GEMV_MAX_
                 "int8_m1": "gemv",        # int8, M = 1: _w8_gemv_kernel | tl.dot decode tiles
                 "act_epilogue": True,     # MLP activations in the GEMV epilogue | False: the
                                           # activation kernel after
-                "balanced_rows": False}   # fp GEMV tiles limited to _balanced_rows(N) (not yet
-                                          # measured: profile_decode_gpu.py --ab balanced_rows)
+                "balanced_rows": True}    # GEMV tiles limited to _balanced_rows(N): GPT-Neo-
+                                          # 2.7B fp16 on an H200, 2.329 vs 2.431 ms/token
 
 
 def _kind(M: int, quant: bool, config=None, path=None) -> str:
@@ -630,6 +663,9 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
     N = w.shape[0]
     interp = _interpreting()
     kind = _kind(M, quant, config, path)
+    pdl = pdl_launch(x2)        # {} or {"launch_pdl": True}: the kernels' PDL prologue
+    pdl_flags = dict(PDL=bool(pdl), PF=bool(pdl) and PDL["prefetch"],
+                     W_LINE=128 // w.element_size(), **pdl)
     args = (x2, w, s if s is not None else w, bias if bias is not None else y, y, M, N, K,
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
             s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
@@ -637,23 +673,22 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
             N // s.shape[0] if s is not None else 1, triton.next_power_of_2(M))
     if kind == "w8_gemv":
         flags = dict(COL_GROUP=col_group, HAS_BIAS=bias is not None,
-                     FAST_CVT=FAST_CVT and not interp, VEC=8, ACT=act)
+                     FAST_CVT=FAST_CVT and not interp, VEC=8, ACT=act, **pdl_flags)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)
-            _tuned_w8_gemv()[grid](*args, **flags)
+            _tuned_w8_gemv(_even_rows(N, x2))[grid](*args, **flags)
             return
         bn, bk, warps, prefetch = config or _INTERPRET_W8_GEMV_TILE
         _w8_gemv_kernel[(triton.cdiv(N, bn), M)](*args, **flags, EVEN_K=K % bk == 0, BLOCK_N=bn,
                                                BLOCK_K=bk, PREFETCH=prefetch, num_warps=warps,
                                                num_stages=1)
         return
-    flags = dict(QUANT=quant, COL_GROUP=col_group, HAS_BIAS=bias is not None)
+    flags = dict(QUANT=quant, COL_GROUP=col_group, HAS_BIAS=bias is not None, **pdl_flags)
     if kind == "gemv":
         block_m = triton.next_power_of_2(M)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-            rows = (_balanced_rows(N, _sm_count(x2.device.index or 0))
-                    if DECODE_PATHS["balanced_rows"] else ())
+            rows = _even_rows(N, x2)
             _tuned_gemv(block_m, _max_block_k(col_group), rows)[grid](*args, **flags, ACT=act,
                                                                       BLOCK_M=block_m)
             return

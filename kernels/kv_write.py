@@ -18,6 +18,7 @@ import torch
 
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import use_triton as _use_triton
+from ._triton import pdl_args, pdl_wait_then_release
 from .rotary import STYLES, apply_rotary_ref, rope_pairs
 
 LAYOUTS = ("packed", "per_head")
@@ -54,7 +55,9 @@ def _qkv_cache_kernel(
     HALF: tl.constexpr,                         # rotary_dim // 2 (0: no rotary)
     INTERLEAVED: tl.constexpr, PER_HEAD: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
+    pdl_wait_then_release(PDL)
     token = tl.program_id(0)
     sh = tl.program_id(1)                       # head slot: queries, then keys, then values
     b = token // S
@@ -137,7 +140,7 @@ def qkv_to_cache(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             positions.stride(0), positions.stride(1), cos_t.stride(0) if rotary else 0,
             H=heads, HKV=kv_heads, D=head_dim, HALF=half, INTERLEAVED=style == "gptj",
             PER_HEAD=layout == "per_head", BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_HALF=triton.next_power_of_2(max(half, 1)), num_warps=1)
+            BLOCK_HALF=triton.next_power_of_2(max(half, 1)), num_warps=1, **pdl_args(qkv))
 
 
 def split_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, layout: str):

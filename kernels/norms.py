@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import interpreting as _interpreting  # noqa: F401
 from ._triton import use_triton as _use_triton
+from ._triton import pdl_args, pdl_wait_then_release
 
 
 NORMS = ("layernorm", "rmsnorm")
@@ -34,7 +35,9 @@ def _add_norm_kernel(
     RMS: tl.constexpr,            # RMSNorm (no mean subtraction, no bias) else LayerNorm
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,          # power of two >= H
+    PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
+    pdl_wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -109,7 +112,7 @@ def add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
             H, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), eps,
             RMS=norm == "rmsnorm", HAS_RESIDUAL=residual is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=BLOCK,
-            num_warps=warps)
+            num_warps=warps, **pdl_args(x2))
     return y, h
 
 

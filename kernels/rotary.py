@@ -19,6 +19,7 @@ import torch
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import interpreting as _interpreting  # noqa: F401
 from ._triton import use_triton as _use_triton
+from ._triton import pdl_args, pdl_wait_then_release
 
 
 STYLES = ("neox", "gptj")
@@ -52,7 +53,9 @@ def _rotary_kernel(
     INTERLEAVED: tl.constexpr,  # "gptj" pairs (2i, 2i+1), else "neox" pairs (i, i + HALF)
     COPY_REST: tl.constexpr,    # copy features HALF*2 .. HEAD_DIM (out of place, partial rotary)
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
+    pdl_wait_then_release(PDL)
     token = tl.program_id(0)
     b = token // S
     s = token % S
@@ -133,7 +136,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
             cos.stride(0), HALF=half, HEAD_DIM=D, INTERLEAVED=style == "gptj",
             COPY_REST=not inplace and rotary_dim < D, BLOCK_H=BLOCK_H,
             BLOCK_HALF=triton.next_power_of_2(half),
-            BLOCK_REST=triton.next_power_of_2(max(D - rotary_dim, 1)), num_warps=4)
+            BLOCK_REST=triton.next_power_of_2(max(D - rotary_dim, 1)), num_warps=4,
+            **pdl_args(x4))
     return y4 if x.dim() == 4 else y4[0]
 
 

@@ -30,7 +30,7 @@ DTYPES = [torch.float32, torch.float16]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
 # tests that run in any process; every other test here needs the interpreter
 ANYWHERE = {"test_interpreter_suite", "test_cpu_without_interpreter_runs_the_references",
-            "test_balanced_gemv_rows",
+            "test_balanced_gemv_rows", "test_pdl_never_on_cpu_or_interpreted",
             "test_import_and_run_without_triton"}
 
 
@@ -513,3 +513,13 @@ def test_balanced_gemv_rows():
     rows = int8_gemm._balanced_rows(2560, 132)
     assert 4 in rows and 8 not in rows, rows
     assert {8, 16, 32} <= set(int8_gemm._balanced_rows(4096, 132))
+
+
+def test_pdl_never_on_cpu_or_interpreted(monkeypatch):
+    """Programmatic dependent launch is a GPU launch option: with it switched on, kernels on a
+    CPU tensor (the interpreter, or the references) get PDL=False and no launch option."""
+    from dsinfer.kernels import _triton as T
+    monkeypatch.setitem(T.PDL, "on", True)
+    assert T.pdl_args(torch.zeros(2)) == {"PDL": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert T.pdl_launch(torch.zeros(2)) == {}
