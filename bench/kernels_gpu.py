@@ -27,6 +27,7 @@ OUT = os.environ.get("OUT", ".")
 SHAPES = [(4096, 4096), (12288, 4096), (11008, 4096), (22016, 4096), (4096, 11008),
           (2048, 4096), (4096, 5504), (7680, 2560), (10240, 2560), (2560, 10240), (32000, 4096)]
 GEOMS = {"pc": lambda n: (n, None), "g64": lambda n: (64, None), "k128": lambda n: (n, 128)}
+M1_GEOMS = list(GEOMS)      # the geometries the M = 1 sweep times (--quick narrows it)
 LOG = []
 
 
@@ -170,10 +171,10 @@ def acceptance():
 
 def configure(quick: bool, tiny: bool) -> None:
     """Narrow the sweep tables for a short device lease (--quick) or a smoke run (--tiny)."""
-    global SHAPES, GEMV, DOT1, DOTS, GEOMS
+    global SHAPES, GEMV, DOT1, DOTS, M1_GEOMS
     if quick:      # the shapes and configs that decide the defaults
         SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (2048, 4096), (32000, 4096)]
-        GEOMS = {g: GEOMS[g] for g in ("pc", "k128")}
+        M1_GEOMS = ["pc", "k128"]
         GEMV = [(8, 1024, 4, False), (16, 512, 4, False), (4, 1024, 4, False),
                 (16, 1024, 8, False)]
         DOT1 = [(16, 32, 512, False, 4, 3), (16, 32, 128, False, 4, 6),
@@ -191,7 +192,7 @@ def sweep_m1(res, summary, t0) -> None:
     log("\n== M = 1: us per call (int8 GB/s); best config; vs cuBLAS fp16 ==")
     for n, k in SHAPES:
         tc = cublas_us(n, k, 1)
-        for geom in GEOMS:
+        for geom in M1_GEOMS:
             cfgs = GEMV + DOT1 + [OLD[geom]]
             row = time_case(n, k, 1, geom, cfgs, res)
             ok = {a: b for a, b in row.items() if b is not None}
