@@ -38,6 +38,7 @@ def test_every_tensor_of_every_file_equals_the_source(tmp_path, small_chunks):
     assert read.result() is got                     # waiting again returns the same tensors
     total = sum(p.stat().st_size for p in paths)
     assert 0 < read.stats["bytes"] < total and read.stats["read_s"] > 0
+    assert 0 < read.stats["host_done_s"] <= read.stats["read_s"]
 
 
 def test_a_truncated_file_is_one_clear_error(tmp_path, small_chunks):
