@@ -15,6 +15,7 @@ from typing import Dict
 
 import torch
 
+from dsinfer.kernels._triton import PDL
 from dsinfer.log import warn
 
 
@@ -78,8 +79,14 @@ class DecodeGraphs:
         try:
             return self._capture(B, start)
         except RuntimeError as e:   # a driver/allocator refusal must not stop generation
-            warn(f"dsinfer: CUDA-graph capture failed ({str(e).splitlines()[0][:160]}); "
-                 "decoding without graphs")
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            if PDL["on"]:           # a driver that cannot capture programmatic launches
+                warn(f"dsinfer: CUDA-graph capture failed ({reason}); capturing again "
+                     "without programmatic dependent launch (DSINFER_PDL=0 skips this)")
+                PDL["on"] = False
+                self.reset()
+                return self._capture_or_none(B, start)
+            warn(f"dsinfer: CUDA-graph capture failed ({reason}); decoding without graphs")
             self.decoder.graphs = None
             self.reset()
             return None

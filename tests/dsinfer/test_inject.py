@@ -263,3 +263,36 @@ def test_padding_inside_a_later_chunk_is_honoured():
         want = ref(input_ids=full, attention_mask=mask).logits[:, 12:]
     keep = mask[:, 12:].bool()         # logits at padded positions are not defined
     assert rel(want[keep], got[keep]) <= 1e-4
+
+
+def test_graph_capture_retries_without_pdl(monkeypatch, caplog):
+    """A driver that cannot capture programmatic dependent launches: the capture is tried once
+    more with PDL off (and a warning says so) instead of decoding without graphs; a second
+    refusal gives up on graphs as before."""
+    from dsinfer.inject import graphs as G
+    from dsinfer.kernels import _triton as T
+
+    class Stub(G.DecodeGraphs):
+        def __init__(self):
+            super().__init__(decoder=type("D", (), {"graphs": "set"})())
+            self.tries = []
+
+        def _capture(self, B, start):
+            self.tries.append(T.PDL["on"])
+            if T.PDL["on"] or self.always_fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return "graph"
+
+    monkeypatch.setitem(T.PDL, "on", True)
+    s = Stub()
+    s.always_fail = False
+    assert s._capture_or_none(1, 4) == "graph" and s.tries == [True, False]
+    assert T.PDL["on"] is False and s.decoder.graphs == "set"
+    assert "without programmatic dependent launch" in caplog.text
+    caplog.clear()
+
+    monkeypatch.setitem(T.PDL, "on", True)
+    s = Stub()
+    s.always_fail = True
+    assert s._capture_or_none(1, 4) is None and s.tries == [True, False]
+    assert s.decoder.graphs is None and "decoding without graphs" in caplog.text
