@@ -60,6 +60,19 @@ def _store_partial(ml_ptr, part_ptr, row, m_i, l_i, acc, d, r_mask, out_mask,
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key block of flash attention: scores s [R, N] (log2 units), values v [N, D] into
+    the running max m_i [R], sum l_i [R] and unnormalized output acc [R, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_attn_kernel(
     q_ptr,        # [B, Hq, SQ, D] queries
     k_ptr,        # [B, Hkv, max_len, D] key cache
@@ -125,14 +138,8 @@ def _decode_attn_kernel(
         k = tl.load(k_base + j[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_R, BLOCK_N]
         s = _bias_and_mask(s, j, j_mask, pos, slope, window, HAS_ALIBI, HAS_WINDOW)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + j[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     out_mask = r_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:

@@ -43,7 +43,7 @@ from .quant_ref import dequantize_ref
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import interpreting as _interpreting  # noqa: F401
 from ._triton import use_triton as _use_triton
-from ._triton import PDL, pdl_launch, pdl_wait_then_release, prefetch_l2
+from ._triton import PDL, pdl_args, pdl_wait_then_release, prefetch_l2
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -547,7 +547,8 @@ _GEMV_TILES = {
 _W8_GEMV_TILES = [(8, 1024, 4, False), (16, 512, 4, False), (4, 1024, 4, False),
                   (8, 512, 4, False), (16, 1024, 8, False), (4, 2048, 8, False),
                   # prefetching tiles: the next K-tile's loads are in flight while this one
-                  # converts, for more bytes in flight a program (unmeasured in the graph)
+                  # converts (in the tuner's set for session 5's H100 runs; which tile it
+                  # picked per shape was not recorded)
                   (8, 1024, 4, True), (8, 512, 4, True), (8, 2048, 8, False)]
 _INTERPRET_W8_GEMV_TILE = (16, 32, 1, True)
 _INTERPRET_TILE = (16, 16, 32, False, 1, 1)   # small: the interpreter runs programs one by one
@@ -591,6 +592,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
 def _balanced_rows(N: int, sms: int) -> tuple:
     """The GEMV BLOCK_N values whose cdiv(N, BLOCK_N) programs spread evenly over the SMs.
     A decode GEMV is bandwidth-bound and lasts as long as its busiest SM: at N = 2560 (GPT-Neo-
@@ -663,9 +665,8 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
     N = w.shape[0]
     interp = _interpreting()
     kind = _kind(M, quant, config, path)
-    pdl = pdl_launch(x2)        # {} or {"launch_pdl": True}: the kernels' PDL prologue
-    pdl_flags = dict(PDL=bool(pdl), PF=bool(pdl) and PDL["prefetch"],
-                     W_LINE=128 // w.element_size(), **pdl)
+    pdl_flags = pdl_args(x2)    # PDL (+ the launch option) for the kernels' _pdl_start
+    pdl_flags.update(PF=pdl_flags["PDL"] and PDL["prefetch"], W_LINE=128 // w.element_size())
     args = (x2, w, s if s is not None else w, bias if bias is not None else y, y, M, N, K,
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
             s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
