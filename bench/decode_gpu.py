@@ -384,7 +384,6 @@ def quant_setting(text: str):
     return (int(groups), extra == "extra")
 
 
-
 def _pdl_on():
     """Whether dsinfer's kernels launch with programmatic dependent launch (DSINFER_PDL)."""
     try:
@@ -392,6 +391,7 @@ def _pdl_on():
     except ImportError:
         return None
     return _triton.PDL["on"]
+
 
 def dsinfer_info() -> dict:
     import importlib.util
