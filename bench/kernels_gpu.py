@@ -9,6 +9,10 @@ Run from the repo root: python3 bench/kernels_gpu.py [--quick | --acceptance]
                 for 4096x4096, 11008x4096 and 4096x11008 (N x K), per-channel and 64 row
                 groups, beside cuBLAS fp16 on the same card (targets: >= 1.8x at M = 1,
                 >= 0.85x at M = 4096)
+  --fp-gemv     the fp16 M = 1 GEMV (_gemv_kernel) over a grid of tiles on the GPT-Neo-2.7B and
+                Llama-7B projections (32 weights a graph, as a decode step streams them, the
+                MLP's first projection with its activation): us per call, TB/s, the tile the
+                autotuner picks (config=None) beside the best, and cuBLAS
 """
 import json
 import math
@@ -254,12 +258,65 @@ def sweep_prefill(summary, quick: bool) -> None:
                                 best_us=ti))
 
 
+FP_GEMV_SHAPES = [(7680, 2560, None), (2560, 2560, None), (10240, 2560, "gelu_tanh"),
+                  (2560, 10240, None), (12288, 4096, None), (4096, 4096, None)]
+
+
+def fp_gemv_tiles():
+    """(BLOCK_N, BLOCK_K, num_warps, PREFETCH, REDUCE_K) candidates of the fp16 GEMV sweep."""
+    return [(bn, bk, w, pf, rk) for bn in (4, 8, 16) for bk in (256, 512, 1024)
+            for w in (4, 8) for pf, rk in ((False, False), (True, False), (False, True),
+                                              (True, True))
+            if bn * bk <= 16384]
+
+
+def fp_gemv_sweep():
+    """fp16 GEMV at M = 1: every tile of fp_gemv_tiles() per shape, and the default."""
+    t0 = time.time()
+    log(f"device: {torch.cuda.get_device_name()}  SMs "
+        f"{torch.cuda.get_device_properties(0).multi_processor_count}")
+    bw = copy_bw()
+    log(f"copy bandwidth (read+write): {bw:.0f} GB/s")
+    rows = []
+    for n, k, act in FP_GEMV_SHAPES:
+        ws = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02 for _ in range(32)]
+        x = torch.randn(1, k, device=DEV, dtype=torch.float16)
+        ref = G.gemv(x, ws[0], act=act).float()
+        res = {}
+        for c in [None] + fp_gemv_tiles():
+            try:
+                y = G.gemv(x, ws[0], config=c, act=act)
+                if not rel(y.float(), ref) < 1e-2:
+                    log(f"  WRONG {n}x{k} {c}")
+                    continue
+                res[c] = graph_us([lambda w=w: G.gemv(x, w, config=c, act=act) for w in ws],
+                                  reps=4)
+            except Exception as ex:  # noqa: BLE001
+                log(f"  FAIL {n}x{k} {c}: {type(ex).__name__}: {str(ex)[:200]}")
+        tc = graph_us([lambda w=w: F.linear(x, w) for w in ws], reps=4)
+        top = sorted((v, str(c)) for c, v in res.items() if c is not None)[:5]
+        d = res.get(None, float("nan"))
+        log(f"{n:>6}x{k:<6} {act or '':>9} default {d:6.2f} us ({2*n*k/1e6/d:5.2f} TB/s) | "
+            f"cuBLAS {tc:6.2f} | best " + "; ".join(f"{c} {v:.2f}" for v, c in top))
+        rows.append(dict(n=n, k=k, act=act, default_us=d, cublas_us=tc, copy_GBps=bw,
+                         tiles={str(c): v for c, v in res.items()},
+                         device=torch.cuda.get_device_name()))
+        del ws
+        log(f"   [{time.time() - t0:.0f}s]")
+    with open(os.path.join(OUT, "fp_gemv_sweep.json"), "w") as f:
+        json.dump(rows, f)
+    with open(os.path.join(OUT, "fp_gemv_sweep.txt"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+
+
 def main():
     if "-h" in sys.argv or "--help" in sys.argv:
         print(__doc__)
         return
     if "--acceptance" in sys.argv:
         return acceptance()
+    if "--fp-gemv" in sys.argv:
+        return fp_gemv_sweep()
     tiny = "--tiny" in sys.argv
     quick = "--quick" in sys.argv or tiny
     configure(quick, tiny)

@@ -10,7 +10,8 @@ per token at --batch:
 then profiles --profile-steps eager steps (graphs off: the same kernels, one launch each) and
 prints the kernels by device time per step, grouped by name, with the bandwidth each achieved
 where it reads weights. One JSON line per number on stdout and in $OUT/profile.jsonl;
-the kernel table in $OUT/profile_<model>_<dtype>.txt.
+the kernel table in $OUT/profile_<model>_<dtype>.txt. `projection` lines time each projection
+(qkv, o, up, down) of all layers alone in a graph: ms/step, us/call and TB/s reached.
 
     python3 bench/profile_decode_gpu.py [--model llama|neo] [--int8] [--batch 1]
 """
@@ -143,6 +144,36 @@ def ab_lookahead(model, dec, args, a, tag) -> int:
     return 0
 
 
+PROJECTIONS = (("qkv", None), ("o", None), ("up", "act"), ("down", None))
+
+
+def projections(dec, batch: int, steps: int, tag) -> None:
+    """Each projection of every layer alone, in a CUDA graph of its 32 (n_layer) GEMVs over
+    distinct weights back to back (so each streams from HBM, as in a decode step): ms per
+    step and the bandwidth it reached (weight bytes / time)."""
+    blocks = dec.blocks
+    for name, act in PROJECTIONS:
+        lins = [getattr(b.w, name) for b in blocks]
+        k = lins[0].weight.shape[1]
+        x = torch.randn(batch, 1, k, device="cuda", dtype=torch.float16)
+        a = blocks[0].cfg.act if act else None
+
+        def run():
+            for lin in lins:
+                lin.matmul(x, bias=True, act=a)
+        with torch.inference_mode():
+            run()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                run()
+        ms = events_ms(g.replay, steps)
+        nbytes = sum(t.numel() * t.element_size() for lin in lins for t in lin.tensors())
+        record(what="projection", name=name, shape=list(lins[0].weight.shape), act=a,
+               ms_per_step=round(ms, 4), us_per_call=round(1e3 * ms / len(lins), 2),
+               tb_per_s=round(nbytes / ms / 1e9, 3), **tag)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama", choices=["llama", "neo"])
@@ -187,6 +218,7 @@ def main(argv=None) -> int:
 
     if a.ab:
         return ab_paths(model, dec, args, a, tag)
+    projections(dec, a.batch, a.steps, tag)
     graphs, dec.graphs = dec.graphs, None      # eager steps: one profiler record per kernel
     dec.lookahead = None                       # (and no guessed steps beside them)
     loop = LeanLoop(model, ids)
