@@ -9,10 +9,11 @@ Run from the repo root: python3 bench/kernels_gpu.py [--quick | --acceptance]
                 for 4096x4096, 11008x4096 and 4096x11008 (N x K), per-channel and 64 row
                 groups, beside cuBLAS fp16 on the same card (targets: >= 1.8x at M = 1,
                 >= 0.85x at M = 4096)
-  --fp-gemv     the fp16 M = 1 GEMV (_gemv_kernel) over a grid of tiles on the GPT-Neo-2.7B and
-                Llama-7B projections (32 weights a graph, as a decode step streams them, the
-                MLP's first projection with its activation): us per call, TB/s, the tile the
-                autotuner picks (config=None) beside the best, and cuBLAS
+  --fp-gemv     the M = 1 GEMVs, fp16 (_gemv_kernel) and int8 per-channel (_w8_gemv_kernel),
+                over their tiles on the GPT-Neo-2.7B and Llama-7B projections at TP 1 and 2
+                (32 weights a graph, as a decode step streams them; the MLP's first projection
+                with its activation): us per call, TB/s, the dispatcher's choice (rule, and
+                the autotuner) beside the best tiles
 """
 import json
 import math
@@ -259,19 +260,43 @@ def sweep_prefill(summary, quick: bool) -> None:
 
 
 FP_GEMV_SHAPES = [(7680, 2560, None), (2560, 2560, None), (10240, 2560, "gelu_tanh"),
-                  (2560, 10240, None), (12288, 4096, None), (4096, 4096, None)]
+                  (2560, 10240, None), (3840, 2560, None), (2560, 1280, None),
+                  (5120, 2560, "gelu_tanh"), (2560, 5120, None),
+                  (12288, 4096, None), (4096, 4096, None), (22016, 4096, "silu_gate"),
+                  (4096, 11008, None), (6144, 4096, None), (4096, 2048, None),
+                  (11008, 4096, "silu_gate"), (4096, 5504, None)]
+# the tiles that came within ~25% of the best on every shape of the first H200 sweep (all
+# (4|8|16, 256|512|1024, 4|8 warps, PREFETCH, REDUCE_K) combinations), best first
+FP_GEMV_TILES = [(4, 512, 4, False, False), (4, 1024, 4, False, False), (8, 512, 8, True, False),
+                 (8, 1024, 4, False, False), (4, 512, 4, True, False), (8, 512, 4, False, False),
+                 (4, 512, 8, False, False), (4, 512, 8, True, False), (8, 512, 8, False, False),
+                 (8, 1024, 8, False, False), (4, 1024, 8, False, False), (8, 256, 4, True, False),
+                 (4, 256, 4, True, False), (4, 256, 4, False, False), (16, 256, 4, True, False),
+                 (8, 256, 4, False, False), (2, 1024, 4, False, False), (2, 512, 4, False, False)]
 
 
-def fp_gemv_tiles():
-    """(BLOCK_N, BLOCK_K, num_warps, PREFETCH, REDUCE_K) candidates of the fp16 GEMV sweep."""
-    return [(bn, bk, w, pf, rk) for bn in (4, 8, 16) for bk in (256, 512, 1024)
-            for w in (4, 8) for pf, rk in ((False, False), (True, False), (False, True),
-                                              (True, True))
-            if bn * bk <= 16384]
+def _time_tiles(n, k, act, ws, x, call, tiles):
+    """{tile or "rule" / "autotune": us per call} of call(x, w, config) over the weights ws."""
+    ref = call(x, ws[0], None).float()
+    res = {}
+    for c in ["rule", "autotune"] + tiles:
+        cfg = None if isinstance(c, str) else c
+        G.DECODE_PATHS["m1_tile"] = c if isinstance(c, str) else "rule"
+        try:
+            y = call(x, ws[0], cfg)
+            if not rel(y.float(), ref) < 1e-2:
+                log(f"  WRONG {n}x{k} {c}")
+                continue
+            res[c] = graph_us([lambda w=w: call(x, w, cfg) for w in ws], reps=8)
+        except Exception as ex:  # noqa: BLE001
+            log(f"  FAIL {n}x{k} {c}: {type(ex).__name__}: {str(ex)[:200]}")
+    G.DECODE_PATHS["m1_tile"] = "rule"
+    return res
 
 
 def fp_gemv_sweep():
-    """fp16 GEMV at M = 1: every tile of fp_gemv_tiles() per shape, and the default."""
+    """M = 1 decode GEMVs in graph conditions: fp16 (_gemv_kernel) over FP_GEMV_TILES and
+    int8 per-channel (_w8_gemv_kernel) over its tiles, each beside the rule / the autotuner."""
     t0 = time.time()
     log(f"device: {torch.cuda.get_device_name()}  SMs "
         f"{torch.cuda.get_device_properties(0).multi_processor_count}")
@@ -279,29 +304,27 @@ def fp_gemv_sweep():
     log(f"copy bandwidth (read+write): {bw:.0f} GB/s")
     rows = []
     for n, k, act in FP_GEMV_SHAPES:
-        ws = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02 for _ in range(32)]
-        x = torch.randn(1, k, device=DEV, dtype=torch.float16)
-        ref = G.gemv(x, ws[0], act=act).float()
-        res = {}
-        for c in [None] + fp_gemv_tiles():
-            try:
-                y = G.gemv(x, ws[0], config=c, act=act)
-                if not rel(y.float(), ref) < 1e-2:
-                    log(f"  WRONG {n}x{k} {c}")
-                    continue
-                res[c] = graph_us([lambda w=w: G.gemv(x, w, config=c, act=act) for w in ws],
-                                  reps=4)
-            except Exception as ex:  # noqa: BLE001
-                log(f"  FAIL {n}x{k} {c}: {type(ex).__name__}: {str(ex)[:200]}")
-        tc = graph_us([lambda w=w: F.linear(x, w) for w in ws], reps=4)
-        top = sorted((v, str(c)) for c, v in res.items() if c is not None)[:5]
-        d = res.get(None, float("nan"))
-        log(f"{n:>6}x{k:<6} {act or '':>9} default {d:6.2f} us ({2*n*k/1e6/d:5.2f} TB/s) | "
-            f"cuBLAS {tc:6.2f} | best " + "; ".join(f"{c} {v:.2f}" for v, c in top))
-        rows.append(dict(n=n, k=k, act=act, default_us=d, cublas_us=tc, copy_GBps=bw,
-                         tiles={str(c): v for c, v in res.items()},
-                         device=torch.cuda.get_device_name()))
-        del ws
+        for kind in ("fp16", "int8"):
+            if kind == "fp16":
+                ws = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
+                      for _ in range(32)]
+                call = lambda x, w, c: G.gemv(x, w, config=c, act=act)  # noqa: E731
+                tiles, nbytes = FP_GEMV_TILES, 2 * n * k
+            else:
+                ws = [quantize_ref(torch.randn(n, k, device=DEV) * 0.02, n, None)
+                      for _ in range(32)]
+                call = lambda x, w, c: G.int8_linear(x, *w, config=c, act=act)  # noqa: E731
+                tiles, nbytes = GEMV, n * k
+            x = torch.randn(1, k, device=DEV, dtype=torch.float16)
+            res = _time_tiles(n, k, act, ws, x, call, tiles)
+            top = sorted((v, str(c)) for c, v in res.items() if not isinstance(c, str))[:4]
+            d, a = res.get("rule", float("nan")), res.get("autotune", float("nan"))
+            log(f"{kind} {n:>6}x{k:<6} {act or '':>9} rule {d:6.2f} us ({nbytes/1e6/d:5.2f} "
+                f"TB/s) autotune {a:6.2f} | best " + "; ".join(f"{c} {v:.2f}" for v, c in top))
+            rows.append(dict(kind=kind, n=n, k=k, act=act, copy_GBps=bw,
+                             tiles={str(c): v for c, v in res.items()},
+                             device=torch.cuda.get_device_name()))
+            del ws
         log(f"   [{time.time() - t0:.0f}s]")
     with open(os.path.join(OUT, "fp_gemv_sweep.json"), "w") as f:
         json.dump(rows, f)

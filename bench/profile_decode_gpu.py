@@ -88,6 +88,8 @@ def ab_paths(model, dec, args, a, tag) -> int:
         return ab_pdl(model, dec, args, a, tag)
     if a.ab in ("act_epilogue", "balanced_rows"):
         key, settings = a.ab, (True, False)
+    elif a.ab == "m1_tile":
+        key, settings = a.ab, ("rule", "autotune")
     else:
         key = "int8_m1" if a.int8 else "fp_m_le_4"
         settings = ("gemv", "dot") if a.int8 else ("triton", "cublas")
@@ -182,12 +184,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--ab", nargs="?", const="path",
-                   choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl"],
+                   choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl",
+                            "m1_tile"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
                         "epilogue or after it, 'balanced_rows' GEMV tiles chosen to spread "
-                        "evenly over the SMs or not, 'lookahead' guessed decode steps on or off")
+                        "evenly over the SMs or not, 'lookahead' guessed decode steps on or off, "
+                        "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner")
     a = p.parse_args(argv)
     import dsinfer
     args = D.parse_args([])

@@ -626,6 +626,33 @@ def _tuned_gemv(block_m: int, max_bk: int, rows: tuple = ()):
     return triton.autotune(configs=configs, key=["m_bucket", "N", "K"])(heur)
 
 
+# M = 1 tiles by rule rather than by Triton's autotuner, which times one kernel alone (idle GPU,
+# launch latency in the timing) and there ranked tiles differently from a decode graph, where
+# each layer's weight streams right behind the previous kernel. Measured in graph conditions
+# (bench/kernels_gpu.py --fp-gemv: 32 weights of a shape back to back, H200, 16 GPT-Neo-2.7B
+# and Llama-7B projections at TP 1 and 2): fp16 sum of us per call, best tile per shape 236.7,
+# these rules 240.9, the autotuner 259.6 (GPT-Neo's 7680x2560 12.9 vs 16.0 us, 10240x2560 +
+# GELU 15.1 vs 20.2 us); int8 per-channel 178.7 / 180.1 / 189.2 (6144x4096 10.3 vs 16.0 us).
+# GPT-Neo-2.7B fp16 decode, H200: 2.073 vs 2.172 ms/token (profile_decode_gpu.py --ab m1_tile).
+
+def _gemv_m1_tile(N: int, K: int) -> tuple:
+    """The fp16/bf16 _gemv_kernel tile at M = 1: the widest K-tile (<= 1024) dividing K, else
+    1024 (one masked tail), over 2-row programs for N < 3000 (GPT-Neo's 2560-row projections:
+    many small programs, short tails), 8 rows up to N = 4096, 4 rows above."""
+    bk = next((b for b in (1024, 512) if K % b == 0), 1024)
+    bn = 2 if N < 3000 else (8 if N <= 4096 else 4)
+    return (bn, bk, 4, False, False)
+
+
+def _w8_gemv_m1_tile(N: int, K: int) -> tuple:
+    """The _w8_gemv_kernel tile (per-channel or row-group scales): 4 rows, 2048-wide K-tiles
+    over 8 warps for the long rows of K >= 4096 (but the 22016-row packed gate|up, where 1024
+    over 4 warps measured 27.4 vs 29.1 us), 1024 over 4 warps below."""
+    if K >= 6144 or (K >= 4096 and N <= 12288):
+        return (4, 2048, 8, False)
+    return (4, 1024, 4, False)
+
+
 # The decode GEMM paths, a table rather than a per-shape timing: one kernel timed alone (do_bench,
 # a flush before each call, or back to back over weight copies) ranked them differently from
 # the decode graph itself, where each weight streams behind the previous kernel. Measured in
@@ -640,8 +667,10 @@ DECODE_PATHS = {"fp_m_le_4": "triton",    # fp16/bf16 weights, rows <= GEMV_MAX_
                 "int8_m1": "gemv",        # int8, M = 1: _w8_gemv_kernel | tl.dot decode tiles
                 "act_epilogue": True,     # MLP activations in the GEMV epilogue | False: the
                                           # activation kernel after
-                "balanced_rows": True}    # GEMV tiles limited to _balanced_rows(N): GPT-Neo-
+                "balanced_rows": True,    # GEMV tiles limited to _balanced_rows(N): GPT-Neo-
                                           # 2.7B fp16 on an H200, 2.329 vs 2.431 ms/token
+                "m1_tile": "rule"}        # GEMV tiles at M = 1: _gemv_m1_tile and
+                                          # _w8_gemv_m1_tile | "autotune"
 
 
 def _kind(M: int, quant: bool, config=None, path=None) -> str:
@@ -675,6 +704,9 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
     if kind == "w8_gemv":
         flags = dict(COL_GROUP=col_group, HAS_BIAS=bias is not None,
                      FAST_CVT=FAST_CVT and not interp, VEC=8, ACT=act, **pdl_flags)
+        if (config is None and not interp and M == 1 and col_group == 0
+                and DECODE_PATHS["m1_tile"] == "rule"):
+            config = _w8_gemv_m1_tile(N, K)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)
             _tuned_w8_gemv(_even_rows(N, x2))[grid](*args, **flags)
@@ -687,6 +719,8 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
     flags = dict(QUANT=quant, COL_GROUP=col_group, HAS_BIAS=bias is not None, **pdl_flags)
     if kind == "gemv":
         block_m = triton.next_power_of_2(M)
+        if config is None and not interp and M == 1 and DECODE_PATHS["m1_tile"] == "rule":
+            config = _gemv_m1_tile(N, K)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
             rows = _even_rows(N, x2)

@@ -85,10 +85,11 @@ def test_int8_linear_bf16_fp16_scales(m):
     assert rel(y, int8_gemm.int8_linear_ref(x.float(), q, s)) < TOL
 
 
-@pytest.mark.parametrize("nk", LLAMA[:2])
+@pytest.mark.parametrize("nk", LLAMA + [(2560, 10240), (7680, 2560), (2560, 2560)])
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv(nk, m, dtype):
+    """M = 1 through _gemv_m1_tile's tiles (2-, 4- and 8-row programs, masked K tails)."""
     n, k = nk
     w = torch.randn(n, k, device=DEV, dtype=dtype) * 0.02
     x = torch.randn(m, k, device=DEV, dtype=dtype)

@@ -515,6 +515,22 @@ def test_balanced_gemv_rows():
     assert {8, 16, 32} <= set(int8_gemm._balanced_rows(4096, 132))
 
 
+@pytest.mark.parametrize("n,k", [(6, 2560), (10, 2048), (5, 5504), (12, 4096), (3, 11008)])
+def test_m1_rule_tiles(n, k, gen):
+    """The tiles the M = 1 rules pick on a GPU (_gemv_m1_tile, _w8_gemv_m1_tile: K-tiles of
+    512 to 2048 that divide K or leave a masked tail) run right in the interpreter, fp32 and
+    int8 per-channel, poisoned outputs."""
+    x, w = randn(gen, 1, k), randn(gen, n, k) * 0.02
+    y = int8_gemm.gemv(x, w, out=poison((1, n), torch.float32),
+                       config=int8_gemm._gemv_m1_tile(n, k))
+    check(y, int8_gemm.linear_ref(x.double(), w.double()), torch.float32, gen[1], "gemv")
+    q, s = quantize_ref(w, n)
+    y = int8_gemm.int8_linear(x, q, s, out=poison((1, n), torch.float32),
+                              config=int8_gemm._w8_gemv_m1_tile(n, k))
+    ref = int8_gemm.int8_linear_ref(x.double(), q, s.double())
+    check(y, ref, torch.float32, gen[1], "int8")
+
+
 def test_pdl_never_on_cpu_or_interpreted(monkeypatch):
     """Programmatic dependent launch is a GPU launch option: with it switched on, kernels on a
     CPU tensor (the interpreter, or the references) get PDL=False and no launch option."""
