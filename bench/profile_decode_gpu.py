@@ -86,8 +86,6 @@ def ab_paths(model, dec, args, a, tag) -> int:
         return ab_lookahead(model, dec, args, a, tag)
     if a.ab == "pdl":
         return ab_pdl(model, dec, args, a, tag)
-    if a.ab == "l2_prefetch":
-        return ab_l2_prefetch(model, dec, args, a, tag)
     if a.ab in ("act_epilogue", "balanced_rows"):
         key, settings = a.ab, (True, False)
     elif a.ab == "m1_tile":
@@ -129,30 +127,6 @@ def ab_pdl(model, dec, args, a, tag) -> int:
                graph_ms=round(events_ms(g.graph.replay, a.steps), 3),
                tokens_as_first=bool(torch.equal(toks, first)), **tag)
     T.PDL.update(default)
-    return 0
-
-
-def ab_l2_prefetch(model, dec, args, a, tag) -> int:
-    """The small kernels' L2 prefetch of the next GEMV's weight (kernels/_triton.py
-    L2_PREFETCH) at several caps, off first and last, graphs recaptured: generate ms/token and
-    graph replay ms, and whether the greedy tokens stay those of the first setting."""
-    from dsinfer.kernels import _triton as T
-    default = T.L2_PREFETCH["max_mb"]
-    ids = D.prompt(model.config.vocab_size, a.batch, args.prompt, args.seed, args.device)
-    first = None
-    for mb in (0, 8, 16, 32, 0, 8, 16, 32):
-        T.L2_PREFETCH["max_mb"] = mb
-        dec.graphs.reset()
-        gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
-        g = dec.graphs.graphs[a.batch]
-        with torch.inference_mode():
-            toks = D.generate(model, ids, 32)
-        first = toks if first is None else first
-        record(what="ab", setting="l2_prefetch", path=mb, default=mb == default,
-               ms_per_token=gen["ms_per_token"],
-               graph_ms=round(events_ms(g.graph.replay, a.steps), 3),
-               tokens_as_first=bool(torch.equal(toks, first)), **tag)
-    T.L2_PREFETCH["max_mb"] = default
     return 0
 
 
@@ -211,14 +185,13 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--ab", nargs="?", const="path",
                    choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl",
-                            "m1_tile", "l2_prefetch"],
+                            "m1_tile"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
                         "epilogue or after it, 'balanced_rows' GEMV tiles chosen to spread "
                         "evenly over the SMs or not, 'lookahead' guessed decode steps on or off, "
-                        "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner, "
-                        "'l2_prefetch' the small kernels' L2 prefetch (MB caps)")
+                        "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner")
     a = p.parse_args(argv)
     import dsinfer
     args = D.parse_args([])

@@ -73,14 +73,8 @@ if HAS_TRITON:
         registers and nothing waits). PTX prefetch.global.L2."""
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs],
                                   dtype=tl.int32, is_pure=False, pack=1)
-    @triton.jit
-    def prefetch_span(ptr, nbytes, index, LINES: tl.constexpr):
-        """Prefetch program `index` of a span: asks L2 for its LINES 128-byte lines of the
-        bytes [0, nbytes) at ptr (a uint8 pointer); lines past the end repeat the last one."""
-        offs = (index.to(tl.int64) * LINES + tl.arange(0, LINES)) * 128
-        prefetch_l2(ptr + tl.minimum(offs, nbytes - 1))
 else:  # pragma: no cover
-    pdl_wait_then_release = prefetch_l2 = prefetch_span = None
+    pdl_wait_then_release = prefetch_l2 = None
 
 
 def pdl_args(t: torch.Tensor) -> dict:
@@ -88,28 +82,3 @@ def pdl_args(t: torch.Tensor) -> dict:
     where pdl_launch(t) allows it, else PDL=False."""
     opts = pdl_launch(t)
     return dict(PDL=bool(opts), **opts)
-
-
-# ----------------------------------------------------------------------------- L2 prefetch
-# A decode step alternates weight-streaming GEMVs with small kernels (norms, attention) during
-# which HBM idles. Those small kernels can take extra programs that only ask L2 for the start
-# of the weight the next GEMV reads (it is read-only, so they neither wait for the kernel
-# before nor order anything): the GEMV then starts on lines already in L2 or on their way.
-# L2_PREFETCH["max_mb"] caps the bytes asked per site (0: off), staying well inside L2 (H100
-# 50 MB, H200 60 MB), so that the lines are still there when the GEMV reads them.
-L2_PREFETCH = {"max_mb": float(os.environ.get("DSINFER_L2_PREFETCH_MB", "0"))}
-PREFETCH_LINES = 2048            # 128-byte lines per prefetch program (256 KB)
-
-
-def l2_prefetch_args(w, like: torch.Tensor) -> dict:
-    """Kernel arguments for the extra prefetch programs of a small kernel on like's device:
-    pf_ptr (w's bytes), pf_bytes, pf_programs, PF_LINES; pf_programs = 0 where prefetching is
-    off, w is None, or the kernels run on a CPU / the interpreter."""
-    off = dict(pf_ptr=like, pf_bytes=0, pf_programs=0, PF_LINES=PREFETCH_LINES)
-    cap = int(L2_PREFETCH["max_mb"] * 2 ** 20)
-    if w is None or cap <= 0 or not (HAS_TRITON and like.is_cuda) or interpreting() \
-            or w.device != like.device or not w.is_contiguous():
-        return off
-    nbytes = min(w.numel() * w.element_size(), cap)
-    return dict(pf_ptr=w.view(-1).view(torch.uint8), pf_bytes=nbytes,
-                pf_programs=triton.cdiv(nbytes, PREFETCH_LINES * 128), PF_LINES=PREFETCH_LINES)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import interpreting as _interpreting  # noqa: F401
 from ._triton import use_triton as _use_triton
-from ._triton import l2_prefetch_args, pdl_args, pdl_wait_then_release, prefetch_span
+from ._triton import pdl_args, pdl_wait_then_release
 
 
 LOG2E = 1.4426950408889634
@@ -73,28 +73,6 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _attend_keys(q, k_base, v_base, stride_kn, stride_vn, lo, hi, pos, slope, d, d_mask, window,
-                 qk_scale, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """Flash attention of q [BLOCK_R, BLOCK_D] over keys lo .. hi - 1 of one KV head (k_base,
-    v_base: its [max_len, D] cache rows) -> (max m_i, sum l_i, unnormalized output acc)."""
-    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_R,), tl.float32)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        j_mask = j < hi
-        kv_mask = j_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + j[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [R, N]
-        s = _bias_and_mask(s, j, j_mask, pos, slope, window, HAS_ALIBI, HAS_WINDOW)
-        v = tl.load(v_base + j[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _decode_attn_kernel(
     q_ptr,        # [B, Hq, SQ, D] queries
     k_ptr,        # [B, Hkv, max_len, D] key cache
@@ -113,8 +91,6 @@ def _decode_attn_kernel(
     chunk,        # keys per split (a multiple of BLOCK_N)
     window,       # local attention width (keys with pos - j < window); 0 = unlimited
     qk_scale,     # softmax scale * log2(e): scores are kept in log2 units for exp2
-    BH,           # B * Hkv: programs BH.. on axis 0 only prefetch (_triton.l2_prefetch_args)
-    pf_ptr, pf_bytes,
     GROUP: tl.constexpr,        # query heads per KV head
     HEAD_DIM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FIRST: tl.constexpr,
@@ -123,51 +99,56 @@ def _decode_attn_kernel(
     BLOCK_R: tl.constexpr,      # rows: (query head in group, query token) pairs, >= 16
     BLOCK_N: tl.constexpr,      # keys per step
     BLOCK_D: tl.constexpr,      # power of two >= HEAD_DIM
-    PF_LINES: tl.constexpr = 2048,
     PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
-    if tl.program_id(0) >= BH:   # L2 prefetch of the next GEMV's weight (no wait: read-only)
-        if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-            prefetch_span(pf_ptr, pf_bytes, tl.program_id(0) - BH, PF_LINES)
+    pdl_wait_then_release(PDL)
+    b = tl.program_id(0) // Hkv
+    kvh = tl.program_id(0) % Hkv
+    split = tl.program_id(2)
+    L = tl.load(len_ptr + b).to(tl.int32)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < GROUP * SQ
+    t = r % SQ
+    hq = kvh * GROUP + r // SQ
+    pos = L - SQ + t                                              # [BLOCK_R] query positions
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + hq[:, None] * stride_qh + t[:, None] * stride_qs
+                + d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    if HAS_ALIBI:
+        slope = tl.load(slope_ptr + hq, mask=r_mask, other=0.0) * 1.4426950408889634
     else:
-        pdl_wait_then_release(PDL)
-        b = tl.program_id(0) // Hkv
-        kvh = tl.program_id(0) % Hkv
-        split = tl.program_id(2)
-        L = tl.load(len_ptr + b).to(tl.int32)
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_mask = r < GROUP * SQ
-        t = r % SQ
-        hq = kvh * GROUP + r // SQ
-        pos = L - SQ + t                                          # [BLOCK_R] query positions
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < HEAD_DIM
-        q = tl.load(q_ptr + b * stride_qb + hq[:, None] * stride_qh + t[:, None] * stride_qs
-                    + d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-        if HAS_ALIBI:
-            slope = tl.load(slope_ptr + hq, mask=r_mask, other=0.0) * 1.4426950408889634
-        else:
-            slope = tl.zeros((BLOCK_R,), tl.float32)
+        slope = tl.zeros((BLOCK_R,), tl.float32)
 
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, L)
-        if HAS_WINDOW:          # the earliest query (pos L - SQ) sees keys from L - SQ - window + 1
-            lo = tl.maximum(lo, L - SQ - window + 1)
-        if HAS_FIRST:           # left padding is a prefix: start past it (a split inside it
-            lo = tl.maximum(lo, tl.load(first_ptr + b).to(tl.int32))  # sees no key, weighs 0)
-        m_i, l_i, acc = _attend_keys(
-            q, k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh,
-            stride_kn, stride_vn, lo, hi, pos, slope, d, d_mask, window, qk_scale,
-            HAS_ALIBI, HAS_WINDOW, DOT_PRECISION, BLOCK_R, BLOCK_N, BLOCK_D)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, L)
+    if HAS_WINDOW:              # the earliest query (pos L - SQ) sees keys from L - SQ - window + 1
+        lo = tl.maximum(lo, L - SQ - window + 1)
+    if HAS_FIRST:               # left padding is a prefix: start past it (a split inside it
+        lo = tl.maximum(lo, tl.load(first_ptr + b).to(tl.int32))   # sees no key, weighs 0)
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        j_mask = j < hi
+        kv_mask = j_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + j[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_R, BLOCK_N]
+        s = _bias_and_mask(s, j, j_mask, pos, slope, window, HAS_ALIBI, HAS_WINDOW)
+        v = tl.load(v_base + j[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
-        out_mask = r_mask[:, None] & d_mask[None, :]
-        if NUM_SPLITS == 1:
-            o = acc / l_i[:, None]
-            tl.store(o_ptr + b * stride_ob + hq[:, None] * stride_oh + t[:, None] * stride_os
-                     + d[None, :], o.to(o_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            row = ((b * Hkv * GROUP + hq) * SQ + t) * NUM_SPLITS + split    # [BLOCK_R]
-            _store_partial(ml_ptr, part_ptr, row, m_i, l_i, acc, d, r_mask, out_mask, HEAD_DIM)
+    out_mask = r_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]
+        tl.store(o_ptr + b * stride_ob + hq[:, None] * stride_oh + t[:, None] * stride_os
+                 + d[None, :], o.to(o_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        row = ((b * Hkv * GROUP + hq) * SQ + t) * NUM_SPLITS + split        # [BLOCK_R]
+        _store_partial(ml_ptr, part_ptr, row, m_i, l_i, acc, d, r_mask, out_mask, HEAD_DIM)
 
 
 @triton.jit
@@ -248,15 +229,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      lengths: torch.Tensor, scale: Optional[float] = None,
                      alibi_slopes: Optional[torch.Tensor] = None, window: int = 0,
                      num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None,
-                     first_key: Optional[torch.Tensor] = None,
-                     prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     first_key: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(scale q k^T + alibi, causal & window masked) v over the cache -> [B, Hq, SQ, D].
 
     q [B, Hq, SQ, D] (any strides, contiguous D); caches [B, Hkv, max_len, D]; lengths [B]
     (int, on q's device). scale defaults to 1/sqrt(D) (GPT-Neo uses 1.0). num_splits (keys
     cut into that many chunks) defaults to filling the GPU; out may be a strided [B, Hq, SQ, D].
-    first_key [B] (int, optional): keys 0 .. first_key[b] - 1 are left padding, masked.
-    prefetch: the weight the next kernel reads (L2 prefetch programs, _triton.L2_PREFETCH)."""
+    first_key [B] (int, optional): keys 0 .. first_key[b] - 1 are left padding, masked."""
     _check_decode(q, k_cache, v_cache, lengths, alibi_slopes, window, first_key)
     B, Hq, SQ, D = q.shape
     Hkv, max_len = k_cache.shape[1], k_cache.shape[2]
@@ -286,12 +265,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         ml = part = out
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else out
-    pf = l2_prefetch_args(prefetch, q)
-    _decode_attn_kernel[(B * Hkv + pf.pop("pf_programs"), row_blocks, num_splits)](
+    _decode_attn_kernel[(B * Hkv, row_blocks, num_splits)](
         q, k_cache, v_cache, lengths, first_key if first_key is not None else lengths, slopes,
         out, ml, part, Hkv, SQ,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
-        chunk, window, scale * LOG2E, B * Hkv, **pf,
+        chunk, window, scale * LOG2E,
         GROUP=G, HEAD_DIM=D, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window > 0,
         HAS_FIRST=first_key is not None, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

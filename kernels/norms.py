@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import interpreting as _interpreting  # noqa: F401
 from ._triton import use_triton as _use_triton
-from ._triton import l2_prefetch_args, pdl_args, pdl_wait_then_release, prefetch_span
+from ._triton import pdl_args, pdl_wait_then_release
 
 
 NORMS = ("layernorm", "rmsnorm")
@@ -32,27 +32,11 @@ def _add_norm_kernel(
     H,            # features per row
     stride_x, stride_r, stride_y, stride_h,   # row strides (the feature dim is contiguous)
     eps,
-    R,            # rows: programs R.. only prefetch (pf_*: _triton.l2_prefetch_args)
-    pf_ptr, pf_bytes,
     RMS: tl.constexpr,            # RMSNorm (no mean subtraction, no bias) else LayerNorm
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,          # power of two >= H
-    PF_LINES: tl.constexpr = 2048,
     PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
-    if tl.program_id(0) >= R:    # L2 prefetch of the next GEMV's weight (no wait: read-only)
-        prefetch_span(pf_ptr, pf_bytes, tl.program_id(0) - R, PF_LINES)
-    else:
-        _add_norm_row(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, H, stride_x, stride_r,
-                      stride_y, stride_h, eps, RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, BLOCK,
-                      PDL)
-
-
-@triton.jit
-def _add_norm_row(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, H, stride_x, stride_r, stride_y,
-                  stride_h, eps, RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                  PDL: tl.constexpr):
     pdl_wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -85,10 +69,9 @@ def _rows(t: torch.Tensor, h: int) -> torch.Tensor:
 
 def add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor] = None, eps: float = 1e-5, norm: str = "layernorm",
-             out: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None,
-             prefetch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             out: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual), x + residual) over the last dim; without residual, (norm(x), x).
-    prefetch: the weight the next kernel reads (L2 prefetch programs, _triton.L2_PREFETCH).
 
     norm: "layernorm" (weight, bias optional) or "rmsnorm" (weight; bias must be None).
     The normed output has x's dtype, the new residual the residual's dtype."""
@@ -124,14 +107,12 @@ def add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
     BLOCK = triton.next_power_of_2(H)
     warps = min(max(BLOCK // 512, 1), 16)
     if x2.shape[0]:
-        pf = l2_prefetch_args(prefetch, x2)
-        rows = x2.shape[0]
-        _add_norm_kernel[(rows + pf.pop("pf_programs"),)](
+        _add_norm_kernel[(x2.shape[0],)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, y2, h2,
-            H, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), eps, rows,
+            H, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), eps,
             RMS=norm == "rmsnorm", HAS_RESIDUAL=residual is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=BLOCK,
-            num_warps=warps, **pf, **pdl_args(x2))
+            num_warps=warps, **pdl_args(x2))
     return y, h
 
 

@@ -73,11 +73,8 @@ class FusedBlock:
         self.cfg, self.w, self.tp, self.index = cfg, w, tp, index
 
     # ---------------------------------------------------------------- sub-blocks
-    def _norm(self, x, residual, norm: Norm, prefetch: Optional[Lin] = None):
-        """(norm(x + residual), x + residual); prefetch: the linear read next, whose weight
-        the norm kernel's extra programs ask L2 for (kernels L2_PREFETCH)."""
-        return kernels.add_norm(x, residual, norm[0], norm[1], self.cfg.eps, self.cfg.norm,
-                                prefetch=None if prefetch is None else prefetch.weight)
+    def _norm(self, x, residual, norm: Norm):
+        return kernels.add_norm(x, residual, norm[0], norm[1], self.cfg.eps, self.cfg.norm)
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden] -> qkv [B, S, (Hq + 2 Hkv) D] in the adapter's layout (+ bias)."""
@@ -110,8 +107,7 @@ class FusedBlock:
             end = step.start + S
             if step.start > 0 and (step.key_mask is None or step.first_key is not None):
                 o = kernels.decode_attention(q, kc, vc, step.lengths, c.scale, step.alibi,
-                                             c.window, first_key=step.first_key,
-                                             prefetch=self.w.o.weight)
+                                             c.window, first_key=step.first_key)
             else:                                      # prefill, or padding with holes
                 o = self._attend(q, kc[:, :, :end], vc[:, :, :end], step)
         o = o.transpose(1, 2).reshape(B, S, c.heads * c.head_dim)
@@ -160,14 +156,14 @@ class FusedBlock:
         if self.cfg.post_norm:
             return self._post_norm(h, pending, step)
         x, h = self._norm(h if pending is None else pending, None if pending is None else h,
-                          self.w.norm1, self.w.qkv)
+                          self.w.norm1)
         if self.cfg.parallel:
             x2 = x if self.cfg.parallel == "shared_norm" else self._norm(h, None, self.w.norm2)[0]
             y = self.attention(x, step)
             y.add_(self.mlp(x2))
             return h, self._finish(y, self.w.o, self.w.down)
         a = self._finish(self.attention(x, step), self.w.o)
-        x, h = self._norm(a, h, self.w.norm2, self.w.up)
+        x, h = self._norm(a, h, self.w.norm2)
         return h, self._finish(self.mlp(x), self.w.down)
 
     def _post_norm(self, h, pending, step):

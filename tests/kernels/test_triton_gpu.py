@@ -476,24 +476,3 @@ def test_timings():
         _sweep(rep)
     rep.save()
     assert math.isfinite(bw)
-
-
-def test_l2_prefetch_programs_change_nothing(monkeypatch):
-    """The extra L2-prefetch programs of add_norm and decode_attention (kernels/_triton.py
-    L2_PREFETCH) leave every output bit as it is without them."""
-    from dsinfer.kernels import _triton as T
-    w = torch.randn(7680, 2560, device=DEV, dtype=torch.float16)
-    x, r = (torch.randn(1, 2560, device=DEV, dtype=torch.float16) for _ in range(2))
-    g, b = torch.randn(2560, device=DEV), torch.randn(2560, device=DEV)
-    q = torch.randn(1, 20, 1, 128, device=DEV, dtype=torch.float16)
-    kc, vc = (torch.randn(1, 20, 1024, 128, device=DEV, dtype=torch.float16) for _ in range(2))
-    lengths = torch.tensor([300], device=DEV, dtype=torch.int32)
-    outs = []
-    for mb in (0, 16):
-        monkeypatch.setitem(T.L2_PREFETCH, "max_mb", mb)
-        y, h = norms.add_norm(x, r, g.half(), b.half(), prefetch=w)
-        o = attention.decode_attention(q, kc, vc, lengths, 1.0, window=256, prefetch=w)
-        outs.append((y, h, o))
-    assert T.l2_prefetch_args(w, x)["pf_programs"] > 0
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
