@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dsinfer.kernels import dequantize_ref
+from dsinfer.kernels import decode_linear, dequantize_ref
 
 
 @dataclasses.dataclass
@@ -75,7 +75,9 @@ class ParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weight(x.dtype)
-        y = x @ w if self.transposed else F.linear(x, w)
+        # decode_linear: the Triton GEMV for the few rows of a decode step on a GPU (LM heads,
+        # layers outside fused blocks), else F.linear
+        y = x @ w if self.transposed else decode_linear(x, w)
         if self.mode == "rowwise":
             y = self.tp.all_reduce(y)
         if self.bias is not None:

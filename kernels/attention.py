@@ -10,8 +10,7 @@ with scores  scale * q.k  +  slope[h] * (j - pos)   (ALiBi, BLOOM; the per-query
 slope * j, which softmax ignores). GQA: query head h reads KV head h // (Hq / Hkv); one program
 takes all Hq/Hkv query heads (x SQ) of a KV head as the rows of its tiles, so K/V are read once.
 Long caches are cut into NUM_SPLITS chunks (flash-decoding): each program writes a partial
-(max, sum, unnormalized output), and the program that finishes last (a ticket counter per row
-block) combines them. The grid depends on max_len,
+(max, sum, unnormalized output) and a second kernel combines them. The grid depends on max_len,
 not on lengths, so a decode step can be captured in a CUDA graph.
 
 Prefill: prefill_attention runs torch's scaled_dot_product_attention (flash / memory-efficient
@@ -54,7 +53,7 @@ def _bias_and_mask(s, j, j_mask, pos, slope, window, HAS_ALIBI: tl.constexpr,
 @triton.jit
 def _store_partial(ml_ptr, part_ptr, row, m_i, l_i, acc, d, r_mask, out_mask,
                    HEAD_DIM: tl.constexpr):
-    """One split's softmax state for _combine_splits: (max, sum) and the unnormalized output."""
+    """One split's softmax state for _combine_kernel: (max, sum) and the unnormalized output."""
     tl.store(ml_ptr + row * 2, m_i, mask=r_mask)
     tl.store(ml_ptr + row * 2 + 1, l_i, mask=r_mask)
     tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
@@ -84,7 +83,6 @@ def _decode_attn_kernel(
     o_ptr,        # [B, Hq, SQ, D] output (written when NUM_SPLITS == 1)
     ml_ptr,       # [B*Hq*SQ, NUM_SPLITS, 2] fp32 partial (max in log2 units, sum of exp2)
     part_ptr,     # [B*Hq*SQ, NUM_SPLITS, D] fp32 partial unnormalized outputs
-    cnt_ptr,      # [B*Hkv, row blocks] int32 zeros: splits finished (reset by the last one)
     Hkv, SQ,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_kn,
@@ -149,44 +147,40 @@ def _decode_attn_kernel(
         tl.store(o_ptr + b * stride_ob + hq[:, None] * stride_oh + t[:, None] * stride_os
                  + d[None, :], o.to(o_ptr.dtype.element_ty), mask=out_mask)
     else:
-        row = (b * Hkv * GROUP + hq) * SQ + t                        # [BLOCK_R] output rows
-        _store_partial(ml_ptr, part_ptr, row * NUM_SPLITS + split, m_i, l_i, acc, d, r_mask,
-                       out_mask, HEAD_DIM)
-        # the program that finishes last among this row block's splits combines them
-        ticket = cnt_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        tl.debug_barrier()                     # every thread's partial stored before the ticket
-        if tl.atomic_add(ticket, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            tl.debug_barrier()
-            o = _combine_splits(ml_ptr, part_ptr, row, d, r_mask, out_mask, NUM_SPLITS,
-                                HEAD_DIM, BLOCK_R, BLOCK_D)
-            tl.store(o_ptr + b * stride_ob + hq[:, None] * stride_oh + t[:, None] * stride_os
-                     + d[None, :], o.to(o_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(ticket, 0)          # ready for the next launch (graph replays)
+        row = ((b * Hkv * GROUP + hq) * SQ + t) * NUM_SPLITS + split        # [BLOCK_R]
+        _store_partial(ml_ptr, part_ptr, row, m_i, l_i, acc, d, r_mask, out_mask, HEAD_DIM)
 
 
 @triton.jit
-def _combine_splits(ml_ptr, part_ptr, row, d, r_mask, out_mask, NUM_SPLITS: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The softmax-weighted sum of the NUM_SPLITS partials of output rows `row` [BLOCK_R]:
-    each split's (max m, sum l, unnormalized output) rescaled to the running max; splits that
-    saw no key (m = -inf) weigh 0. -> [BLOCK_R, BLOCK_D] fp32."""
-    m_run = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l_run = tl.zeros((BLOCK_R,), tl.float32)
-    o_run = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for sp in range(NUM_SPLITS):
-        base = row.to(tl.int64) * NUM_SPLITS + sp
-        m = tl.load(ml_ptr + base * 2, mask=r_mask, other=float("-inf"))
-        l = tl.load(ml_ptr + base * 2 + 1, mask=r_mask, other=0.0)
-        part = tl.load(part_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=out_mask,
-                       other=0.0)
-        m_new = tl.maximum(m_run, m)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a_run = tl.where(m_run == float("-inf"), 0.0, tl.exp2(m_run - m_safe))
-        a_new = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_safe))
-        l_run = l_run * a_run + l * a_new
-        o_run = o_run * a_run[:, None] + part * a_new[:, None]
-        m_run = m_new
-    return o_run / tl.where(r_mask, l_run, 1.0)[:, None]
+def _combine_kernel(
+    ml_ptr,       # [B*Hq*SQ, NUM_SPLITS, 2] fp32 (max in log2 units, sum)
+    part_ptr,     # [B*Hq*SQ, NUM_SPLITS, D] fp32
+    o_ptr,        # [B, Hq, SQ, D] output
+    Hq, SQ,
+    stride_ob, stride_oh, stride_os,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
+):
+    pdl_wait_then_release(PDL)
+    row = tl.program_id(0)                       # (b * Hq + h) * SQ + t
+    b = row // (Hq * SQ)
+    h = (row // SQ) % Hq
+    t = row % SQ
+    sp = tl.arange(0, BLOCK_S)
+    sp_mask = sp < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    base = row.to(tl.int64) * NUM_SPLITS + sp
+    m = tl.load(ml_ptr + base * 2, mask=sp_mask, other=float("-inf"))
+    l = tl.load(ml_ptr + base * 2 + 1, mask=sp_mask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))   # splits that saw no key weigh 0
+    part = tl.load(part_ptr + base[:, None] * HEAD_DIM + d[None, :],
+                   mask=sp_mask[:, None] & d_mask[None, :], other=0.0)
+    o = tl.sum(part * w[:, None], axis=0) / tl.sum(w * l, axis=0)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + t * stride_os + d,
+             o.to(o_ptr.dtype.element_ty), mask=d_mask)
 
 
 MIN_TRITON_HEAD_DIM = 16   # tl.dot needs K >= 16; smaller heads (toy models) use the reference
@@ -195,20 +189,6 @@ MIN_TRITON_HEAD_DIM = 16   # tl.dot needs K >= 16; smaller heads (toy models) us
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-_TICKETS: dict = {}
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least n counters on device, kept for every later call: the
-    split that finishes last resets its counter, so it is zero again after each launch. Decode
-    steps run one after another on one stream (each kernel starts after the one before it ends),
-    so the calls never share it at the same time."""
-    buf = _TICKETS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _TICKETS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
 
 
 def _check_decode(q, k_cache, v_cache, lengths, alibi_slopes, window, first_key=None):
@@ -282,13 +262,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits > 1:
         ml = torch.empty((B * Hq * SQ, num_splits, 2), dtype=torch.float32, device=q.device)
         part = torch.empty((B * Hq * SQ, num_splits, D), dtype=torch.float32, device=q.device)
-        tickets = _tickets(q.device, B * Hkv * row_blocks)
     else:
-        ml = part = tickets = out
+        ml = part = out
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else out
     _decode_attn_kernel[(B * Hkv, row_blocks, num_splits)](
         q, k_cache, v_cache, lengths, first_key if first_key is not None else lengths, slopes,
-        out, ml, part, tickets, Hkv, SQ,
+        out, ml, part, Hkv, SQ,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
         chunk, window, scale * LOG2E,
         GROUP=G, HEAD_DIM=D, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window > 0,
@@ -296,6 +275,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
         num_stages=3 if BLOCK_D <= 128 else 2, **pdl_args(q))
+    if num_splits > 1:
+        _combine_kernel[(B * Hq * SQ,)](
+            ml, part, out, Hq, SQ, *out.stride()[:3], NUM_SPLITS=num_splits, HEAD_DIM=D,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D, num_warps=4,
+            **pdl_args(q))
     return out
 
 

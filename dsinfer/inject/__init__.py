@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from dsinfer import kernels
 from dsinfer.inject.archs import adapter_for
 from dsinfer.inject.archs.base import Unsupported
 from dsinfer.inject.block import FusedBlock
@@ -100,23 +99,8 @@ def inject(model: torch.nn.Module, spec, tp: TPGroup, device: torch.device,
             decoder.graphs = DecodeGraphs(decoder)
         else:
             info("dsinfer: enable_cuda_graph needs a GPU; running without graphs")
-    _install_head(model, device)
     _install_lookahead(model, decoder, device)
     return True
-
-
-def _install_head(model, device: torch.device) -> None:
-    """A plain fp16/bf16 nn.Linear LM head on a GPU runs through kernels.decode_linear: the
-    Triton GEMV for the few rows of a decode step (GPT-Neo-2.7B's 50257 x 2560 head: cuBLAS's
-    gemv reached 3.0 TB/s on an H200, 84 us a token), F.linear for prefill."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if (type(head) is not torch.nn.Linear or device.type != "cuda"
-            or head.weight.dtype not in (torch.float16, torch.bfloat16)):
-        return
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return kernels.decode_linear(x, head.weight, head.bias)
-    head.forward = forward
 
 
 def _install_lookahead(model, decoder: FusedDecoder, device: torch.device) -> None:
