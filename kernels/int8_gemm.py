@@ -633,7 +633,8 @@ def _tuned_gemv(block_m: int, max_bk: int, rows: tuple = ()):
 # and Llama-7B projections at TP 1 and 2): fp16 sum of us per call, best tile per shape 236.7,
 # these rules 240.9, the autotuner 259.6 (GPT-Neo's 7680x2560 12.9 vs 16.0 us, 10240x2560 +
 # GELU 15.1 vs 20.2 us); int8 per-channel 178.7 / 180.1 / 189.2 (6144x4096 10.3 vs 16.0 us).
-# GPT-Neo-2.7B fp16 decode, H200: 2.073 vs 2.172 ms/token (profile_decode_gpu.py --ab m1_tile).
+# Decode, H200, same process (profile_decode_gpu.py --ab m1_tile): GPT-Neo-2.7B fp16 2.038 vs
+# 2.167 ms/token, Llama-7B fp16 3.885 vs 3.929, Llama-7B int8 2.683 vs 2.681.
 
 def _gemv_m1_tile(N: int, K: int) -> tuple:
     """The fp16/bf16 _gemv_kernel tile at M = 1: the widest K-tile (<= 1024) dividing K, else
