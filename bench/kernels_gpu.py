@@ -275,7 +275,7 @@ FP_GEMV_TILES = [(4, 512, 4, False, False), (4, 1024, 4, False, False), (8, 512,
                  (8, 256, 4, False, False), (2, 1024, 4, False, False), (2, 512, 4, False, False)]
 
 
-def _time_tiles(n, k, act, ws, x, call, tiles):
+def _time_tiles(n, k, ws, x, call, tiles):
     """{tile or "rule" / "autotune": us per call} of call(x, w, config) over the weights ws."""
     ref = call(x, ws[0], None).float()
     res = {}
@@ -316,7 +316,7 @@ def fp_gemv_sweep():
                 call = lambda x, w, c: G.int8_linear(x, *w, config=c, act=act)  # noqa: E731
                 tiles, nbytes = GEMV, n * k
             x = torch.randn(1, k, device=DEV, dtype=torch.float16)
-            res = _time_tiles(n, k, act, ws, x, call, tiles)
+            res = _time_tiles(n, k, ws, x, call, tiles)
             top = sorted((v, str(c)) for c, v in res.items() if not isinstance(c, str))[:4]
             d, a = res.get("rule", float("nan")), res.get("autotune", float("nan"))
             log(f"{kind} {n:>6}x{k:<6} {act or '':>9} rule {d:6.2f} us ({nbytes/1e6/d:5.2f} "

@@ -654,6 +654,19 @@ def _w8_gemv_m1_tile(N: int, K: int) -> tuple:
     return (4, 1024, 4, False)
 
 
+_M1_RULES = {"gemv": _gemv_m1_tile, "w8_gemv": _w8_gemv_m1_tile}   # kind -> rule
+
+
+def _rule_tile(kind: str, M: int, N: int, K: int, col_group: int):
+    """The tile a rule gives this one-row GEMV (DECODE_PATHS["m1_tile"] == "rule"), or None
+    (the autotuner): more rows, tl.dot tiles, and int8 column-group scales are tuned."""
+    rule = _M1_RULES.get(kind)
+    if rule is None or M != 1 or DECODE_PATHS["m1_tile"] != "rule" or \
+            (kind == "w8_gemv" and col_group):
+        return None
+    return rule(N, K)
+
+
 # The decode GEMM paths, a table rather than a per-shape timing: one kernel timed alone (do_bench,
 # a flush before each call, or back to back over weight copies) ranked them differently from
 # the decode graph itself, where each weight streams behind the previous kernel. Measured in
@@ -668,8 +681,9 @@ DECODE_PATHS = {"fp_m_le_4": "triton",    # fp16/bf16 weights, rows <= GEMV_MAX_
                 "int8_m1": "gemv",        # int8, M = 1: _w8_gemv_kernel | tl.dot decode tiles
                 "act_epilogue": True,     # MLP activations in the GEMV epilogue | False: the
                                           # activation kernel after
-                "balanced_rows": True,    # GEMV tiles limited to _balanced_rows(N): GPT-Neo-
-                                          # 2.7B fp16 on an H200, 2.329 vs 2.431 ms/token
+                "balanced_rows": True,    # autotuned GEMV tiles limited to _balanced_rows(N)
+                                          # (GPT-Neo-2.7B fp16 on an H200, 2.329 vs 2.431
+                                          # ms/token before the one-row rule below)
                 "m1_tile": "rule"}        # GEMV tiles at M = 1: _gemv_m1_tile and
                                           # _w8_gemv_m1_tile | "autotune"
 
@@ -695,6 +709,8 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
     N = w.shape[0]
     interp = _interpreting()
     kind = _kind(M, quant, config, path)
+    if config is None and not interp:
+        config = _rule_tile(kind, M, N, K, col_group)
     pdl_flags = pdl_args(x2)    # PDL (+ the launch option) for the kernels' _pdl_start
     pdl_flags.update(PF=pdl_flags["PDL"] and PDL["prefetch"], W_LINE=128 // w.element_size())
     args = (x2, w, s if s is not None else w, bias if bias is not None else y, y, M, N, K,
@@ -705,9 +721,6 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
     if kind == "w8_gemv":
         flags = dict(COL_GROUP=col_group, HAS_BIAS=bias is not None,
                      FAST_CVT=FAST_CVT and not interp, VEC=8, ACT=act, **pdl_flags)
-        if (config is None and not interp and M == 1 and col_group == 0
-                and DECODE_PATHS["m1_tile"] == "rule"):
-            config = _w8_gemv_m1_tile(N, K)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)
             _tuned_w8_gemv(_even_rows(N, x2))[grid](*args, **flags)
@@ -720,8 +733,6 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
     flags = dict(QUANT=quant, COL_GROUP=col_group, HAS_BIAS=bias is not None, **pdl_flags)
     if kind == "gemv":
         block_m = triton.next_power_of_2(M)
-        if config is None and not interp and M == 1 and DECODE_PATHS["m1_tile"] == "rule":
-            config = _gemv_m1_tile(N, K)
         if config is None and not interp:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
             rows = _even_rows(N, x2)
