@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import faulthandler
 import gc
 import json
 import os
@@ -592,6 +593,9 @@ def parse_args(argv=None):
                    help="seconds after which no new section starts (default 420)")
     p.add_argument("--tiny", action="store_true", help="2 layers, hidden 64: a check that runs anywhere")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--watchdog", type=float, default=0,
+                   help="after this many seconds print every thread's Python stack and exit 1 "
+                        "(a hang's post-mortem; default off)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -630,6 +634,8 @@ def init_distributed(device) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.watchdog:
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
     init_distributed(args.device)
     out = os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "dsinfer-bench")
     os.makedirs(out, exist_ok=True)

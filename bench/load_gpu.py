@@ -8,6 +8,8 @@ usage: python3 bench/load_gpu.py SECTION... [--model neo|llama] [--nproc N] [--w
                (HF's own tensor-parallel loading; time = slowest rank)
   raw          safetensors.torch.load_file(device="cuda") of every shard
   dsinfer      meta-device model + dsinfer.init_inference(checkpoint=<TP nproc dsinfer folder>)
+  comm         under torchrun --nproc: init_process_group and the first NCCL collective alone
+               (what a TP load pays for the group; no files)
   check        dsinfer's model vs HF's on one input (max rel. logit difference)
   io           this host's limits: page-cache read GB/s (1 and 8 threads), pinning 256 MB,
                pinned host-to-device GB/s
@@ -96,6 +98,27 @@ def load_hf_tp(work: Path) -> float:
     return secs
 
 
+def comm_setup(work: Path) -> float:
+    """What a TP load pays for the process group alone: init_process_group (rendezvous) and
+    the first collective, which creates the NCCL communicator; no files are read."""
+    import datetime
+    import torch.distributed as dist
+    t = time.perf_counter()
+    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120))
+    group = time.perf_counter() - t
+    flag = torch.zeros(1, device="cuda")
+    dist.broadcast(flag, src=0)
+    _sync()
+    secs = time.perf_counter() - t
+    PHASES.update(group=round(group, 4), first_collective=round(secs - group, 4))
+    t2 = time.perf_counter()
+    dist.broadcast(flag, src=0)
+    _sync()
+    PHASES["second_collective"] = round(time.perf_counter() - t2, 5)
+    dist.destroy_process_group()
+    return secs
+
+
 def load_raw(work: Path) -> float:
     from safetensors.torch import load_file
     t = time.perf_counter()
@@ -174,8 +197,9 @@ def check(work: Path) -> dict:
     return {"rel_err": ((a - b).abs().max() / a.abs().max()).item(), "generate_same": same}
 
 
-TIMED = {"hf": load_hf, "hf_tp": load_hf_tp, "raw": load_raw, "dsinfer": load_dsinfer}
-DISTRIBUTED = ("dsinfer", "hf_tp")      # sections that run under torchrun with --nproc ranks
+TIMED = {"hf": load_hf, "hf_tp": load_hf_tp, "raw": load_raw, "dsinfer": load_dsinfer,
+         "comm": comm_setup}
+DISTRIBUTED = ("dsinfer", "hf_tp", "comm")      # sections that run under torchrun with --nproc ranks
 
 
 def child(section: str, work: Path) -> None:
@@ -183,12 +207,17 @@ def child(section: str, work: Path) -> None:
         print(json.dumps({"section": section, **(check(work) if section == "check"
                                                    else io_limits(work))}))
         return
-    torch.empty(1, device="cuda")   # CUDA context up before the clock starts, for every section
+    # CUDA context up before the clock starts, for every section, on the rank's own GPU (under
+    # torchrun, rank r's context on GPU 0 would leave its real one to be made inside the clock)
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.empty(1, device="cuda")
     torch.cuda.synchronize()
     secs = TIMED[section](work)
     rank = int(os.environ.get("RANK", "0"))
     print(json.dumps({"section": section, "model": MODEL, "rank": rank, "world": int(
         os.environ.get("WORLD_SIZE", "1")), "seconds": round(secs, 3),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "DSINFER_"))
+                and k != "DSINFER_BENCH_MODEL"},
         **({"phases": PHASES} if PHASES else {})}), flush=True)
 
 

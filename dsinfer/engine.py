@@ -7,7 +7,7 @@ import inspect
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -67,22 +67,37 @@ def _tp_size(tensor_parallel, mp_size) -> int:
     return int(size or 1)
 
 
-def init_group(tp_size: int) -> TPGroup:
-    """torch.distributed with NCCL on GPU, gloo on CPU; tp_size must equal the world size."""
+def planned_rank(tp_size: int) -> Tuple[int, int]:
+    """(rank, world size) this process has or will have once the process group is up, from the
+    launcher's environment; tp_size must equal the world size. Selects the rank's GPU, so
+    that a checkpoint read can start before the (slower) group and NCCL set-up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp_size != world:
         raise CheckpointError(
             f"tensor_parallel tp_size={tp_size} but {world} process(es) are running: launch "
             f"with `dsinfer --num_gpus {tp_size} script.py` (or torchrun --nproc_per_node {tp_size})")
     if world == 1:
+        return 0, 1
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return int(os.environ.get("RANK", "0")), world
+
+
+def init_group(tp_size: int) -> TPGroup:
+    """torch.distributed with NCCL on GPU, gloo on CPU; tp_size must equal the world size."""
+    rank, world = planned_rank(tp_size)
+    if world == 1:
         return TPGroup(0, 1, None)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
         atexit.register(_close_group)
-    return TPGroup(dist.get_rank(), dist.get_world_size(), None)
+    if dist.get_rank() != rank:
+        raise CheckpointError(f"RANK={rank} in the environment but the process group made this "
+                              f"process rank {dist.get_rank()}: launch with `dsinfer` or torchrun")
+    return TPGroup(rank, world, None)
 
 
 def _close_group() -> None:
@@ -192,22 +207,27 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     if out_dtype is torch.int8:
         qc, out_dtype = qc or QuantConfig(), None
     clock = _Clock()
-    tp = init_group(_tp_size(tensor_parallel, mp_size))
+    size = _tp_size(tensor_parallel, mp_size)
+    rank, _ = planned_rank(size)
     device = _device()
     spec = _spec(model, injection_policy)
     path = _resolve_checkpoint(checkpoint, base_dir)
-    clock.mark("group")
+    source = None
     if path is not None:
-        source = open_rank_source(path, spec, tp.size, tp.rank, qc, device, verify=verify)
+        # On a GPU a pre-sharded checkpoint's files start streaming to the device here, and go
+        # on while the process group and NCCL come up (~0.5 s or more at TP > 1).
+        source = open_rank_source(path, spec, size, rank, qc, device, verify=verify)
         _check_architecture(spec, source)
-    else:
-        if any(p.is_meta for p in model.parameters()):
-            raise CheckpointError("the model is on the meta device and no checkpoint was "
-                                  "given: pass checkpoint=<dsinfer folder or checkpoint.json>")
+    elif any(p.is_meta for p in model.parameters()):
+        raise CheckpointError("the model is on the meta device and no checkpoint was "
+                              "given: pass checkpoint=<dsinfer folder or checkpoint.json>")
+    clock.mark("open", sync=False)      # (a GPU fast path's read is still running)
+    tp = init_group(size)
+    clock.mark("group", sync=False)
+    if source is None:
         state = {k: v for k, v in model.state_dict().items()}
         source = from_state_dict(state, model.config.to_dict(), spec, tp.size, tp.rank) if qc is None \
             else _quantized_state_source(state, model, spec, tp, qc)
-    clock.mark("open", sync=False)      # (a GPU fast path's read is still running)
     # The first collective creates the NCCL communicator (~0.5 s or more): done while a GPU
     # fast path's files are still being read in the background (loading.from_presharded).
     _warm_up_group(tp, device)
