@@ -221,6 +221,15 @@ def child(section: str, work: Path) -> None:
         **({"phases": PHASES} if PHASES else {})}), flush=True)
 
 
+def _json_or_none(line: str):
+    """A child's result line (other output, e.g. a library's printed dict, is skipped)."""
+    try:
+        d = json.loads(line) if line.startswith("{") else None
+    except ValueError:
+        return None
+    return d if isinstance(d, dict) and "section" in d else None
+
+
 def main() -> int:
     global MODEL
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,7 +255,7 @@ def main() -> int:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                        str(args.nproc), *cmd[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+            lines = [d for d in map(_json_or_none, out.stdout.splitlines()) if d]
             if out.returncode or not lines:
                 print(json.dumps({"section": s, "error": out.stderr[-1500:]}), flush=True)
                 break

@@ -22,10 +22,11 @@ from .errors import CheckpointError
 from .safetensors_io import DTYPES, SafetensorsFile
 
 # Bytes per read / copy. Each thread pins two staging buffers of this size, and pinning host
-# memory (cudaHostAlloc) is paid before the first byte moves: at 64 MB x 2 x 8 threads the
-# loader pinned 1 GB. 16 MB keeps the reads large and pins 256 MB (not yet re-timed on a GPU:
-# bench/load_gpu.py with DSINFER_READ_CHUNK_MB=8/16/64 compares).
-CHUNK = int(os.environ.get("DSINFER_READ_CHUNK_MB", "16")) << 20
+# memory (cudaHostAlloc) is paid before the first byte moves. On two H200s (Llama-7B at TP 2,
+# 6.7 GB a rank, warm page cache, 28 Nov 2026) the last chunk left the files after 0.29-0.52 s
+# at 8 MB (pinning 0.15-0.49 s summed over 8 threads), 0.48-0.60 s at 16 MB (0.56-0.89 s),
+# and 4 MB pinned less but finished its device copies ~0.3 s later.
+CHUNK = int(os.environ.get("DSINFER_READ_CHUNK_MB", "8")) << 20
 THREADS = int(os.environ.get("DSINFER_READ_THREADS", "8"))
 
 
