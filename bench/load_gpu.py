@@ -202,6 +202,20 @@ TIMED = {"hf": load_hf, "hf_tp": load_hf_tp, "raw": load_raw, "dsinfer": load_ds
 DISTRIBUTED = ("dsinfer", "hf_tp", "comm")      # sections that run under torchrun with --nproc ranks
 
 
+def _start_together(work: Path) -> None:
+    """Under torchrun every rank starts its clock at the same moment (a file barrier, outside
+    torch.distributed): otherwise a rank whose interpreter started first counts the wait for
+    the others' imports in its load time."""
+    world, run = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("DSINFER_BENCH_RUN")
+    if world == 1 or not run:
+        return
+    folder = work / f".start-{run}"
+    folder.mkdir(exist_ok=True)
+    (folder / os.environ.get("RANK", "0")).touch()
+    while len(list(folder.iterdir())) < world:
+        time.sleep(0.001)
+
+
 def child(section: str, work: Path) -> None:
     if section in ("check", "io"):
         print(json.dumps({"section": section, **(check(work) if section == "check"
@@ -212,6 +226,7 @@ def child(section: str, work: Path) -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.empty(1, device="cuda")
     torch.cuda.synchronize()
+    _start_together(work)
     secs = TIMED[section](work)
     rank = int(os.environ.get("RANK", "0"))
     print(json.dumps({"section": section, "model": MODEL, "rank": rank, "world": int(
@@ -254,10 +269,13 @@ def main() -> int:
             if s in DISTRIBUTED and args.nproc > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                        str(args.nproc), *cmd[1:]]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "DSINFER_BENCH_RUN": f"{os.getpid()}-{s}-{attempt}-{time.time()}"}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [d for d in map(_json_or_none, out.stdout.splitlines()) if d]
             if out.returncode or not lines:
-                print(json.dumps({"section": s, "error": out.stderr[-1500:]}), flush=True)
+                tail = [ln for ln in out.stderr.splitlines() if "it/s]" not in ln][-12:]
+                print(json.dumps({"section": s, "error": "\n".join(tail), "rc": out.returncode,
+                                  "results": lines}), flush=True)
                 break
             secs = max(ln.get("seconds", 0) for ln in lines)
             if len(lines) > 1:

@@ -112,7 +112,8 @@ def _install_lookahead(model, decoder: FusedDecoder, device: torch.device) -> No
     if (mode == "off" or head is None or not decoder.blocks[0].cfg.causal
             or (mode == "auto" and decoder.graphs is None)):
         return
-    if decoder.tp.fast is not None:          # see dsinfer/fast_allreduce.py: not combined
-        info("dsinfer: look-ahead decoding is off with DSINFER_FAST_ALLREDUCE=1")
+    if decoder.tp.fast is not None and mode != "on":   # dsinfer/fast_allreduce.py: not combined
+        info("dsinfer: look-ahead decoding is off with DSINFER_FAST_ALLREDUCE=1 "
+             "(DSINFER_LOOKAHEAD=1 combines them)")
         return
     decoder.lookahead = lookahead.Lookahead(decoder, head, device)
