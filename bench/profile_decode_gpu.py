@@ -14,6 +14,7 @@ the kernel table in $OUT/profile_<model>_<dtype>.txt. `projection` lines time ea
 (qkv, o, up, down) of all layers alone in a graph: ms/step, us/call and TB/s reached.
 
     python3 bench/profile_decode_gpu.py [--model llama|neo] [--int8] [--batch 1]
+    dsinfer --num_gpus 2 bench/profile_decode_gpu.py ...    (TP 2: rank 0's timings)
 """
 import argparse
 import json
@@ -31,8 +32,13 @@ from dsinfer.inject.decoder import CACHE_FIELD  # noqa: E402  (this transformers
 OUT = os.environ.get("OUT") or "."
 
 
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def record(**kw):
-    kw.update(device=torch.cuda.get_device_name())
+    kw.update(device=torch.cuda.get_device_name(), world_size=WORLD)
+    if RANK:                    # under the launcher (TP > 1) rank 0 speaks for the group
+        return
     line = json.dumps(kw)
     print(line, flush=True)
     with open(os.path.join(OUT, "profile.jsonl"), "a") as f:
@@ -195,7 +201,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import dsinfer
     args = D.parse_args([])
-    args.device, args.dtype = torch.device("cuda"), torch.float16
+    # under `dsinfer --num_gpus N` each rank builds the same weights and init_inference shards
+    # them (TP N); the timings are rank 0's, with the all-reduces inside the graphs
+    args.device, args.dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), torch.float16
+    torch.cuda.set_device(args.device)
     model = D.build(a.model, args)
     kw = dict(dtype=torch.float16, replace_with_kernel_inject=True, enable_cuda_graph=True)
     if a.int8:
@@ -240,8 +249,11 @@ def main(argv=None) -> int:
              f"{'ms/step':>8} {'share':>6} {'n/step':>7}  kernel"]
     lines += [f"{t:8.3f} {t / total:6.1%} {n:7.1f}  {k[:110]}" for t, n, k in rows[:30]]
     text = "\n".join(lines)
+    if RANK:
+        return 0
     print(text, flush=True)
-    with open(os.path.join(OUT, f"profile_{a.model}_{tag['dtype']}_b{a.batch}.txt"), "w") as f:
+    with open(os.path.join(OUT, f"profile_{a.model}_{tag['dtype']}_b{a.batch}_tp{WORLD}.txt"),
+              "w") as f:
         f.write(text + "\n")
     record(what="eager_kernels", ms_per_token=round(total, 3), **tag)
     from dsinfer.kernels import int8_gemm
