@@ -198,6 +198,7 @@ def main(argv=None) -> int:
                         "epilogue or after it, 'balanced_rows' GEMV tiles chosen to spread "
                         "evenly over the SMs or not, 'lookahead' guessed decode steps on or off, "
                         "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launcher
     a = p.parse_args(argv)
     import dsinfer
     args = D.parse_args([])
