@@ -85,30 +85,41 @@ def kernel_table(prof, steps: int) -> list:
 
 
 def ab_paths(model, dec, args, a, tag) -> int:
-    """Same weights, same process: one DECODE_PATHS setting, then the other(s); generate
-    ms/token and graph replay ms for each (`default` marks the tree's setting)."""
+    """Same weights, same process: one DECODE_PATHS (or DECODE_HEAD) setting, then the
+    other(s); generate ms/token, graph replay ms and whether the greedy tokens stay those of
+    the first setting, for each (`default` marks the tree's setting)."""
+    from dsinfer.inject.head import DECODE_HEAD
     from dsinfer.kernels import int8_gemm as G
     if a.ab == "lookahead":
         return ab_lookahead(model, dec, args, a, tag)
     if a.ab == "pdl":
         return ab_pdl(model, dec, args, a, tag)
+    table = G.DECODE_PATHS
     if a.ab in ("act_epilogue", "balanced_rows"):
         key, settings = a.ab, (True, False)
     elif a.ab == "m1_tile":
         key, settings = a.ab, ("rule", "autotune")
+    elif a.ab == "head_in_step":
+        table, key, settings = DECODE_HEAD, "in_step", (False, True, False, True)
     else:
         key = "int8_m1" if a.int8 else "fp_m_le_4"
         settings = ("gemv", "dot") if a.int8 else ("triton", "cublas")
-    default = G.DECODE_PATHS[key]
+    default = table[key]
+    ids = D.prompt(model.config.vocab_size, a.batch, args.prompt, args.seed, args.device)
+    first = None
     for path in settings:
-        G.DECODE_PATHS[key] = path
+        table[key] = path
         dec.graphs.reset()
         gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
         g = dec.graphs.graphs[a.batch]
+        with torch.inference_mode():
+            toks = D.generate(model, ids, 32)
+        first = toks if first is None else first
         record(what="ab", setting=key, path=path, default=path == default,
                ms_per_token=gen["ms_per_token"],
-               graph_ms=round(events_ms(g.graph.replay, a.steps), 3), **tag)
-    G.DECODE_PATHS[key] = default
+               graph_ms=round(events_ms(g.graph.replay, a.steps), 3),
+               tokens_as_first=bool(torch.equal(toks, first)), **tag)
+    table[key] = default
     return 0
 
 
@@ -191,13 +202,14 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--ab", nargs="?", const="path",
                    choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl",
-                            "m1_tile"],
+                            "m1_tile", "head_in_step"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
                         "epilogue or after it, 'balanced_rows' GEMV tiles chosen to spread "
                         "evenly over the SMs or not, 'lookahead' guessed decode steps on or off, "
-                        "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner")
+                        "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner, "
+                        "'head_in_step' the LM head outside the decode graph or inside it")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launcher
     a = p.parse_args(argv)
     import dsinfer

@@ -104,16 +104,20 @@ def inject(model: torch.nn.Module, spec, tp: TPGroup, device: torch.device,
 
 
 def _install_lookahead(model, decoder: FusedDecoder, device: torch.device) -> None:
-    """Guessed decode steps (lookahead.py) for generating models: by default where decode steps
-    replay CUDA graphs (what they hide is the host time between graph replays)."""
+    """The LM head served by the decoder (head.py) for generating models, and guessed decode
+    steps (lookahead.py): by default where decode steps replay CUDA graphs (what they hide is
+    the host time between graph replays)."""
     from dsinfer.inject import lookahead
-    mode = lookahead.mode()
+    from dsinfer.inject.head import ServedHead
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if (mode == "off" or head is None or not decoder.blocks[0].cfg.causal
-            or (mode == "auto" and decoder.graphs is None)):
+    if head is None or not decoder.blocks[0].cfg.causal:
+        return
+    decoder.head = ServedHead(head)
+    mode = lookahead.mode()
+    if mode == "off" or (mode == "auto" and decoder.graphs is None):
         return
     if decoder.tp.fast is not None and mode != "on":   # dsinfer/fast_allreduce.py: not combined
         info("dsinfer: look-ahead decoding is off with DSINFER_FAST_ALLREDUCE=1 "
              "(DSINFER_LOOKAHEAD=1 combines them)")
         return
-    decoder.lookahead = lookahead.Lookahead(decoder, head, device)
+    decoder.lookahead = lookahead.Lookahead(decoder, decoder.head, device)

@@ -10,7 +10,7 @@ or a left-padded one (generate's padding: the decode kernel skips each row's pad
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Output
@@ -19,6 +19,7 @@ from dsinfer import kernels
 from dsinfer.formats import CheckpointError
 from dsinfer.inject.block import FusedBlock, Step
 from dsinfer.inject.cache import KVBuffers, StepCache
+from dsinfer.inject.head import DECODE_HEAD
 from dsinfer.tp import TPGroup
 
 _GUESSING = object()     # stands for the cache in a look-ahead step (step() checks "not None")
@@ -43,6 +44,7 @@ class FusedDecoder:
         self.final_norm = adapter.final_norm(body)            # (w, b) or None
         self.graphs = None                                    # graphs.DecodeGraphs when enabled
         self.lookahead = None                                 # lookahead.Lookahead when enabled
+        self.head = None                                      # head.ServedHead of a causal LM
 
     # ------------------------------------------------------------------ tables and buffers
     def _rotary_tables(self, n: int) -> None:
@@ -98,21 +100,27 @@ class FusedDecoder:
         one_step = (self.one_token_step(cache, input_ids, S, key_mask, first_key)
                     and inputs_embeds is None and not any(v is not None and v is not False
                                                        for v in kwargs.values()))
-        replay = one_step and self.graphs is not None
-        h = guessed = None
+        if self.head is not None:
+            self.head.drop()
+        done = None     # (the body's output hidden states, their logits or None): a whole step
         if self.lookahead is not None:
-            h = guessed = self.lookahead.take(cache, input_ids, position_ids, start, S,
-                                              first_key, not one_step)
-        if h is None and replay:
-            h = self.graphs.replay(input_ids, position_ids, cache, start, key_mask, first_key)
-        elif h is None:
+            done = self.lookahead.take(cache, input_ids, position_ids, start, S, first_key,
+                                       not one_step)
+        if done is None and one_step and self.graphs is not None:
+            done = self.graphs.replay(input_ids, position_ids, cache, start, key_mask, first_key)
+        elif done is None and one_step and self.head_in_step():
+            done = self.finish(self.run(input_ids, None, position_ids, attention_mask, cache,
+                                        start, key_mask, first_key=first_key))
+        if done is None:
             h = self.run(input_ids, inputs_embeds, position_ids, attention_mask, cache, start,
                          key_mask, first_key=first_key, **kwargs)
         if cache is not None:
             cache.length, cache.key_mask = start + S, key_mask
-        out = Output(**{"last_hidden_state": h, CACHE_FIELD: cache})
-        if guessed is None:              # a guess's hidden states are already the body's output
+        out = Output(**{"last_hidden_state": h if done is None else done[0], CACHE_FIELD: cache})
+        if done is None:
             out = self.adapter.output(self.body, out)
+        elif done[1] is not None:        # HF's head call on these hidden states gets them
+            self.head.serve(out.last_hidden_state, done[1])
         if self.lookahead is not None and one_step:
             self.lookahead.offer(cache, input_ids, position_ids, start, S, first_key,
                                  out.last_hidden_state)
@@ -172,15 +180,26 @@ class FusedDecoder:
             return False
         return self.graphs is None or self.graphs.ready(batch)
 
-    def guess_step(self, ids, positions, start: int, first_key) -> torch.Tensor:
+    def guess_step(self, ids, positions, start: int, first_key
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One decode step with guessed tokens [B, 1] at cache index `start`: writes that K/V
-        slot and returns the body's output hidden states (what the LM head reads); the cache's
-        bookkeeping is left to the real call."""
+        slot and returns finish()'s (hidden states, logits or None); the cache's bookkeeping is
+        left to the real call."""
         if self.graphs is not None:
-            h = self.graphs.replay(ids, positions, None, start, None, first_key)
-        else:
-            h = self.run(ids, None, positions, None, _GUESSING, start, None, first_key=first_key)
-        return self.adapter.output(self.body, Output(last_hidden_state=h)).last_hidden_state
+            return self.graphs.replay(ids, positions, None, start, None, first_key)
+        return self.finish(self.run(ids, None, positions, None, _GUESSING, start, None,
+                                    first_key=first_key))
+
+    # ------------------------------------------------------------------ the LM head in a step
+    def head_in_step(self) -> bool:
+        return self.head is not None and DECODE_HEAD["in_step"]
+
+    def finish(self, h: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A one-token step's end: the body's output hidden states [B, 1, H'] (the family's
+        output projection applied) and, with the head in the step, the LM head's logits
+        [B, 1, vocab] (what a CUDA graph of the step then captures as well)."""
+        h = self.adapter.output(self.body, Output(last_hidden_state=h)).last_hidden_state
+        return h, (self.head.run(h) if self.head_in_step() else None)
 
     # ------------------------------------------------------------------ helpers
     def _incoming_cache(self, kwargs) -> Optional[StepCache]:

@@ -1,5 +1,6 @@
 """CUDA-graph decode: one graph per batch size captures a whole one-token decoder step
-(embeddings, every fused block with its all-reduces, final norm) over the static KV cache.
+(embeddings, every fused block with its all-reduces, final norm; with head.DECODE_HEAD
+"in_step" the LM head too) over the static KV cache.
 A replay copies the new token ids and positions into the graph's input buffers, sets the
 [B] start/length tensors and the left-padding lengths (zeros for an unpadded batch; no host
 sync), and replays; the Python per-kernel launch cost of ~15 kernels per block disappears.
@@ -11,7 +12,7 @@ next step. Batches padded other than on the left, and multi-token steps, run eag
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -27,7 +28,8 @@ class _Graph:
     starts: torch.Tensor     # [B] int32: cache index of the new token
     lengths: torch.Tensor    # [B] int32: starts + 1
     first_key: torch.Tensor  # [B] int32: left-padding length per row (0: none)
-    out: torch.Tensor        # [B, 1, hidden]
+    out: torch.Tensor        # [B, 1, hidden]: the body's output (output projection applied)
+    logits: Optional[torch.Tensor] = None   # [B, 1, vocab] with the LM head in the step
     padded: bool = False     # first_key holds a padded batch's lengths (zeroed before reuse)
 
 
@@ -51,7 +53,8 @@ class DecodeGraphs:
         return batch in self.graphs and self.tables is self.decoder.cos
 
     def replay(self, input_ids, positions, cache, start: int, key_mask=None, first_key=None
-               ) -> torch.Tensor:
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """decoder.finish()'s (hidden states, logits or None) of this one-token step."""
         dec = self.decoder
         if self.tables is not dec.cos:          # the tables grew: captured pointers are stale
             self.reset()
@@ -61,8 +64,8 @@ class DecodeGraphs:
             dec._kv(B, start + 1)               # may grow (and reset) before capturing
             g = self.graphs.get(B) or self._capture_or_none(B, start)
         if g is None:                           # capture failed: this step runs eagerly
-            return dec.run(input_ids, None, positions, None, cache, start, key_mask,
-                           first_key=first_key)
+            return dec.finish(dec.run(input_ids, None, positions, None, cache, start, key_mask,
+                                      first_key=first_key))
         if first_key is not None:
             g.first_key.copy_(first_key, non_blocking=True)
         elif g.padded:
@@ -73,7 +76,8 @@ class DecodeGraphs:
         g.starts.fill_(start)
         g.lengths.fill_(start + 1)
         g.graph.replay()
-        return g.out.clone()                    # the next replay overwrites g.out
+        # the next replay overwrites g.out and g.logits
+        return g.out.clone(), (None if g.logits is None else g.logits.clone())
 
     def _capture_or_none(self, B: int, start: int):
         try:
@@ -103,8 +107,8 @@ class DecodeGraphs:
 
         def step():
             # writes K/V at index `start`, which the real step overwrites right after
-            return dec.run(ids, None, pos, None, cache, max(start, 1), None, starts, lengths,
-                           first)
+            return dec.finish(dec.run(ids, None, pos, None, cache, max(start, 1), None, starts,
+                                      lengths, first))
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -114,11 +118,11 @@ class DecodeGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):   # later graphs share the first's pool
-            out = step()
+            out, logits = step()
         if self.pool is None:
             self.pool = graph.pool()
         self.tables = dec.cos
-        g = _Graph(graph, ids, pos, starts, lengths, first, out)
+        g = _Graph(graph, ids, pos, starts, lengths, first, out, logits)
         self.graphs[B] = g
         return g
 

@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+
+from dsinfer.inject.head import ServedHead, same_view
 
 
 def mode() -> str:
@@ -58,31 +60,26 @@ class _Guess:
     done: Optional[torch.cuda.Event]
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
 class Lookahead:
-    def __init__(self, decoder, head: torch.nn.Module, device: torch.device):
+    def __init__(self, decoder, head: ServedHead, device: torch.device):
         self.dec, self.device = decoder, device
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        self.head = head.forward            # the LM head's own forward (HF calls head(h))
-        head.forward = self._head_forward
+        self.head = head                    # a hit's logits are served through it
+        head.after = self._after_head
         self.guess: Optional[_Guess] = None
-        self.served: Optional[_Guess] = None   # a hit whose logits the head call returns
         self.last: Optional[_Step] = None      # the step just run, if its successor may be guessed
         self.score = {}                        # epoch -> hits - misses
         self.stats = {"guessed": 0, "hits": 0, "misses": 0}
 
     # ------------------------------------------------------------------ decoder side
     def take(self, cache, input_ids, positions, start: int, S: int, first_key,
-             other_step: bool) -> Optional[torch.Tensor]:
-        """The guessed hidden states for this call, or None (then any pending guess is dropped,
-        after the main stream has waited for it). other_step: not a plain one-token decode step
-        (extra inputs, a mask with holes): never served from a guess."""
+             other_step: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The guessed (hidden states, logits) for this call, or None (then any pending guess
+        is dropped, after the main stream has waited for it). other_step: not a plain
+        one-token decode step (extra inputs, a mask with holes): never served from a guess."""
         g, self.guess = self.guess, None
-        self.last = self.served = None
+        self.last = None
         if g is None:
             return None
         try:
@@ -92,7 +89,7 @@ class Lookahead:
             self._wait(g)       # after the check: its sync must not wait for the side stream
 
     def _check(self, g: _Guess, cache, input_ids, positions, start, S, first_key,
-               other_step) -> Optional[torch.Tensor]:
+               other_step) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         if (cache is None or g.epoch != cache.epoch or g.start != start or S != 1
                 or input_ids is None or other_step or first_key is not g.first_key
                 or input_ids.shape != g.ids.shape):
@@ -103,10 +100,7 @@ class Lookahead:
                           torch.cat([g.ids, g.positions], 1))
         self.stats["hits" if hit else "misses"] += 1
         self.score[g.epoch] = self.score.get(g.epoch, 0) + (1 if hit else -1)
-        if not hit:
-            return None
-        self.served = g
-        return g.hidden
+        return (g.hidden, g.logits) if hit else None
 
     def offer(self, cache, input_ids, positions, start: int, S: int, first_key,
               hidden: torch.Tensor) -> None:
@@ -121,22 +115,16 @@ class Lookahead:
 
     def cancel(self) -> None:
         """Before anything else touches the KV buffers: wait for the pending guess, drop it."""
-        g, self.guess, self.last, self.served = self.guess, None, None, None
+        g, self.guess, self.last = self.guess, None, None
         if g is not None:
             self._wait(g)
 
     # ------------------------------------------------------------------ LM head side
-    def _head_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        served, self.served = self.served, None
-        if served is not None and _same_storage(x, served.hidden) and not args and not kwargs \
-                and x.shape == served.hidden.shape:
-            logits = served.logits
-        else:
-            logits = self.head(x, *args, **kwargs)
+    def _after_head(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """Every LM head call (head.ServedHead.after): the step just run is guessed from it."""
         last, self.last = self.last, None
-        if last is not None and _same_storage(x, last.hidden) and x.shape == last.hidden.shape:
+        if last is not None and same_view(x, last.hidden):
             self._launch(last, logits)
-        return logits
 
     def _launch(self, last: _Step, logits: torch.Tensor) -> None:
         """Queues step last.start + 1 with the greedy token of `logits` [B, 1, vocab]."""
@@ -145,8 +133,9 @@ class Lookahead:
         start = last.start + 1
         done = None
         with self._on_side():
-            hidden = self.dec.guess_step(ids, positions, start, last.first_key)
-            guessed = self.head(hidden)
+            hidden, guessed = self.dec.guess_step(ids, positions, start, last.first_key)
+            if guessed is None:
+                guessed = self.head.run(hidden)
             if self.cuda:
                 done = torch.cuda.Event()
                 done.record(self.side)
