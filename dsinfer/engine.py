@@ -37,7 +37,8 @@ class InferenceEngine(torch.nn.Module):
                  load_seconds: Optional[dict] = None):
         super().__init__()
         self.module, self.tp, self.device = module, tp, device
-        # where init_inference spent its time: group, open, comm, load, inject, agree, total seconds
+        # where init_inference spent its time: open, group (with NCCL set-up), comm, load, inject,
+        # agree, total seconds
         # (and `read`: the GPU fast path's file read, its bytes, threads and pinning time)
         self.load_seconds = load_seconds or {}
 

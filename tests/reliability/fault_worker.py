@@ -2,7 +2,8 @@
 
 usage: fault_worker.py MODE CHECKPOINT LOGDIR        MODE = raise | hang
 Every rank writes LOGDIR/pid.<rank>. Rank 0 writes LOGDIR/collective.0 when it enters its first
-collective inside init_inference (and waits there). Rank 1, inside init_inference, either
+collective inside init_inference, the process group's rendezvous (and waits there: its read
+has already started). Rank 1, inside init_inference, either
 raises after rank 0 is waiting (`raise`: its rank file is missing, a real CheckpointError) or
 never returns (`hang`), leaving the process-group timeout to end rank 0's wait. A rank that
 got through init_inference writes LOGDIR/done.<rank>."""
@@ -25,12 +26,12 @@ def main():
     logdir = Path(logdir)
     (logdir / f"pid.{rank}").write_text(str(os.getpid()))
     if rank == 0:
-        real = dist.broadcast
+        real = dist.init_process_group
 
-        def broadcast(*args, **kwargs):
+        def init_process_group(*args, **kwargs):
             (logdir / "collective.0").write_text(str(time.time()))
             return real(*args, **kwargs)
-        engine.dist.broadcast = broadcast
+        engine.dist.init_process_group = init_process_group
     else:
         real_open = engine.open_rank_source
 
