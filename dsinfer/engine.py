@@ -268,22 +268,24 @@ class _Clock:
 
 
 class _GroupStart:
-    """The process group and its NCCL communicator, set up on a thread from the start of
-    init_inference on a GPU at TP > 1, so that they overlap opening and reading the rank's
-    files. The first collective is what creates the communicator: ~0.55-0.65 s on two H200s
+    """The process group and its communicator, set up on a thread from the start of
+    init_inference at TP > 1, so that they overlap opening and reading the rank's files. On a
+    GPU the first collective is what creates the NCCL communicator: ~0.55-0.65 s on two H200s
     (NCCL 2.28: 0.31-0.36 s of it loading NCCL's kernels), as long as a rank's read (6.7 GB).
-    Elsewhere (CPU, gloo, one process, a group the caller made) it runs in result()."""
+    The same on a CPU (gloo), where it gains nothing but keeps one code path under test. With
+    one process or a group the caller made, result() does the rest inline."""
 
     def __init__(self, size: int, device: torch.device):
         self.size, self.device, self.error, self.tp = size, device, None, None
         self.thread = None
-        if device.type == "cuda" and size > 1 and not dist.is_initialized():
+        if size > 1 and not dist.is_initialized():
             self.thread = threading.Thread(target=self._run, name="dsinfer-group", daemon=True)
             self.thread.start()
 
     def _run(self) -> None:
         try:
-            torch.cuda.set_device(self.device)     # the current device is per thread
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)     # the current device is per thread
             self.tp = self._up()
         except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
             self.error = e
