@@ -180,19 +180,30 @@ def test_bert_fused_encoder_under_the_launcher(world, cls, tmp_path):
         assert r["rel_err"] and max(r["rel_err"].values()) <= 1e-4, (rank, r["rel_err"])
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_fused_blocks_under_the_launcher(world, workdir, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("world,head_in_step", [(1, False), (2, False), (2, True)],
+                         ids=["tp1", "tp2", "tp2-head-in-step"])
+def test_fused_blocks_under_the_launcher(world, head_in_step, workdir, tmp_path,  # noqa: F811
+                                         monkeypatch):
     cases = [f"{a}:tp{world}:inject" for a in CAUSAL]
     if world == 2:   # with guessed decode steps (lookahead.py), as on GPUs: the LM head's
         monkeypatch.setenv("DSINFER_LOOKAHEAD", "1")   # all-gather runs in each guess
         cases += ["llama:int8tp2:int8:inject", "gpt2:tp2:batch:inject", "bloom:tp2:batch:inject",
                   "gpt_neox:tp2:batch:inject"]
+    if head_in_step:   # the vocab-parallel head and its all-gather inside each step instead
+        monkeypatch.setenv("DSINFER_HEAD_IN_STEP", "1")
+        cases = ["llama:tp2:inject", "opt:tp2:inject", "gpt2:tp2:batch:inject"]
     launch(world, SUPPORT / "runtime_worker.py", workdir, tmp_path / "out", *cases)
     for rank, res in enumerate(results(tmp_path / "out", world)):
         for case, r in res.items():
             assert r["injected"], (rank, case)
             assert r["rel_err"] <= (2e-2 if ":int8" in case else 1e-4), (rank, case, r["rel_err"])
             assert r["generate_same"], (rank, case)
+        # logits made ahead answer HF's head calls: look-ahead's guesses or the step's own
+        # (not where the mask has holes: OPT's test prompt holds its pad id, so no one-token
+        # steps there); at TP 1 on a CPU neither is on
+        served = {case: r["head_served"] for case, r in res.items()}
+        assert (served["llama:tp2:inject"] > 0 if world == 2
+                else not any(served.values())), (rank, served)
 
 
 def test_fused_blocks_through_the_triton_kernels():

@@ -64,7 +64,11 @@ def run_case(workdir: Path, case: str) -> dict:
             same = same and torch.equal(ref.generate(x["input_ids"], **kw),
                                         engine.module.generate(x["input_ids"], **kw))
     injected = any(type(m).__name__ == "BlockModule" for m in engine.module.modules())
+    decoder = next((m.dsinfer_decoder for m in engine.module.modules()
+                    if hasattr(m, "dsinfer_decoder")), None)
+    served = decoder.head.served if decoder is not None and decoder.head is not None else 0
     return {"rel_err": rel, "generate_same": same, "injected": injected,
+            "head_served": served,   # LM head calls answered from a step (inject/head.py)
             "fast_allreduce": engine.tp.fast is not None,
             "rank_files": sorted({p for p in OPENED if "/rank-" in p})}
 
