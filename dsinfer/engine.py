@@ -212,7 +212,7 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     size = _tp_size(tensor_parallel, mp_size)
     rank, _ = planned_rank(size)
     device = _device()
-    group = _GroupStart(size, device)   # on a GPU at TP > 1: comes up while the files stream
+    group = _GroupStart(size, device)   # at TP > 1: comes up while the files stream
     spec = _spec(model, injection_policy)
     path = _resolve_checkpoint(checkpoint, base_dir)
     source = None
@@ -283,9 +283,7 @@ class _GroupStart:
             self.thread.start()
 
     def _run(self) -> None:
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)     # the current device is per thread
+        try:                # (init_group's planned_rank selects this thread's own GPU)
             self.tp = self._up()
         except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
             self.error = e

@@ -99,11 +99,11 @@ def inject(model: torch.nn.Module, spec, tp: TPGroup, device: torch.device,
             decoder.graphs = DecodeGraphs(decoder)
         else:
             info("dsinfer: enable_cuda_graph needs a GPU; running without graphs")
-    _install_lookahead(model, decoder, device)
+    _install_head(model, decoder, device)
     return True
 
 
-def _install_lookahead(model, decoder: FusedDecoder, device: torch.device) -> None:
+def _install_head(model, decoder: FusedDecoder, device: torch.device) -> None:
     """The LM head served by the decoder (head.py) for generating models, and guessed decode
     steps (lookahead.py): by default where decode steps replay CUDA graphs (what they hide is
     the host time between graph replays)."""

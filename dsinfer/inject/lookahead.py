@@ -6,10 +6,12 @@ spends ~0.3 ms of Python choosing, appending and preparing the next token; with 
 one CUDA-graph replay, the GPU idles through all of that. So after each decode step, as soon as
 its logits exist, this guesses the next token (the greedy one: argmax of those logits, computed
 on the GPU, no sync) and queues step t+1 with it on a side stream: the decoder's graph, then
-the model's own LM head. When `generate` asks for step t+1, the guess is checked (token ids
-and positions: one small sync on the main stream, which does not wait for the side stream):
+the model's own LM head (unless the graph holds it: head.py). When `generate` asks for step
+t+1, the guess is checked (token ids and positions: one small sync on the main stream, which
+does not wait for the side stream):
 
-    hit   the queued hidden states and logits are returned (the main stream waits on an event)
+    hit   the queued hidden states are returned and the logits served to HF's head call
+          (head.ServedHead; the main stream waits on an event)
     miss  step t+1 runs again with the real token; it writes the same cache slot the guess
           wrote (index t+1 of every row), so a wrong guess costs GPU time, never correctness.
 
