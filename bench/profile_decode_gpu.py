@@ -15,6 +15,8 @@ the kernel table in $OUT/profile_<model>_<dtype>.txt. `projection` lines time ea
 
     python3 bench/profile_decode_gpu.py [--model llama|neo] [--int8] [--batch 1]
     dsinfer --num_gpus 2 bench/profile_decode_gpu.py ...    (TP 2: rank 0's timings)
+    ... --prefill 512     one forward over a 512-token prompt instead: device ms, host ms (the
+                          Python call alone) and its kernel table
 """
 import argparse
 import json
@@ -82,6 +84,49 @@ def kernel_table(prof, steps: int) -> list:
         if t > 0 and e.device_type.name == "CUDA":
             rows.append((t / steps / 1e3, e.count / steps, e.key))   # ms/step, launches/step
     return sorted(rows, reverse=True)
+
+
+def write_table(rows, tag, what: str, name: str) -> float:
+    """Rank 0 prints the kernel table and writes it to $OUT/<name>; returns its total ms."""
+    total = sum(r[0] for r in rows)
+    lines = [f"{tag}  kernels {total:.3f} ms/{what} (eager, device time)",
+             f"{'ms/' + what:>8} {'share':>6} {'n/' + what:>7}  kernel"]
+    lines += [f"{t:8.3f} {t / total:6.1%} {n:7.1f}  {k[:110]}" for t, n, k in rows[:30]]
+    text = "\n".join(lines)
+    if not RANK:
+        print(text, flush=True)
+        with open(os.path.join(OUT, name), "w") as f:
+            f.write(text + "\n")
+    return total
+
+
+def prefill_profile(model, a, tag) -> int:
+    """One forward over an a.prefill-token prompt: device ms (events, back to back), host ms
+    (wall time of the Python call alone, no sync inside) and the kernels of 3 forwards."""
+    ids = D.prompt(model.config.vocab_size, 1, a.prefill, 0, torch.device("cuda"))
+    tag = dict(tag, prompt_tokens=a.prefill)
+
+    def fwd():
+        with torch.inference_mode():
+            model(input_ids=ids)
+    for _ in range(3):
+        fwd()
+    torch.cuda.synchronize()
+    record(what="prefill", ms=round(events_ms(fwd, 5), 3), **tag)
+    t0 = time.perf_counter()
+    fwd()
+    host = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    record(what="prefill_host", ms=round(host, 3), **tag)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fwd()
+        torch.cuda.synchronize()
+    total = write_table(kernel_table(prof, 3), tag, "call",
+                        f"profile_prefill{a.prefill}_{a.model}_{tag['dtype']}_tp{WORLD}.txt")
+    record(what="prefill_kernels", ms=round(total, 3), **tag)
+    return 0
 
 
 def ab_paths(model, dec, args, a, tag) -> int:
@@ -210,6 +255,9 @@ def main(argv=None) -> int:
                         "evenly over the SMs or not, 'lookahead' guessed decode steps on or off, "
                         "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner, "
                         "'head_in_step' the LM head outside the decode graph or inside it")
+    p.add_argument("--prefill", type=int, default=0, metavar="N",
+                   help="instead of decode: one forward over an N-token prompt (batch 1), its "
+                        "device time, host time and kernel table")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launcher
     a = p.parse_args(argv)
     import dsinfer
@@ -224,6 +272,8 @@ def main(argv=None) -> int:
         kw["quantization_setting"] = D.quant_setting("per-channel")
     model = dsinfer.init_inference(model, **kw).module
     tag = dict(model=a.model, dtype="int8" if a.int8 else "fp16", batch=a.batch)
+    if a.prefill:
+        return prefill_profile(model, a, tag)
     args.new, args.prompt = a.steps, 32
     gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
     record(what="generate", ms_per_token=gen["ms_per_token"], **tag)
@@ -256,18 +306,10 @@ def main(argv=None) -> int:
             loop()
         torch.cuda.synchronize()
     dec.graphs = graphs
-    rows = kernel_table(prof, a.profile_steps)
-    total = sum(r[0] for r in rows)
-    lines = [f"{tag}  kernels {total:.3f} ms/step (eager, device time)",
-             f"{'ms/step':>8} {'share':>6} {'n/step':>7}  kernel"]
-    lines += [f"{t:8.3f} {t / total:6.1%} {n:7.1f}  {k[:110]}" for t, n, k in rows[:30]]
-    text = "\n".join(lines)
+    total = write_table(kernel_table(prof, a.profile_steps), tag, "step",
+                        f"profile_{a.model}_{tag['dtype']}_b{a.batch}_tp{WORLD}.txt")
     if RANK:
         return 0
-    print(text, flush=True)
-    with open(os.path.join(OUT, f"profile_{a.model}_{tag['dtype']}_b{a.batch}_tp{WORLD}.txt"),
-              "w") as f:
-        f.write(text + "\n")
     record(what="eager_kernels", ms_per_token=round(total, 3), **tag)
     from dsinfer.kernels import int8_gemm
     record(what="dispatch", **int8_gemm.DECODE_PATHS, **tag)

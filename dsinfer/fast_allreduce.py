@@ -15,7 +15,10 @@ Opt-in (DSINFER_FAST_ALLREDUCE=1), and then look-ahead decoding (inject/lookahea
 on 2 x H100 (28 Nov 2026) the kernel measured 6.1 us per 8 KB sum against NCCL's 15.0 us in a
 graph, and TP 2 Llama-7B decode passed its checks with it, but graphs with these sums replayed
 on look-ahead's side stream hung in a 128-token generate (cause not found), and look-ahead
-alone gained more (3.69 ms/token) than this kernel alone (3.90).
+alone gained more (3.69 ms/token) than this kernel alone (3.90). On two H200s the pair ran
+once (session 7: 2.772 ms/token against 2.919 for NCCL + look-ahead) and hung twice in
+session 8 (an int8 generate, and a fp16 one with the LM head in the graph), so look-ahead is
+never combined with it, whatever DSINFER_LOOKAHEAD says.
 """
 from __future__ import annotations
 
