@@ -119,14 +119,35 @@ def prefill_profile(model, a, tag) -> int:
     torch.cuda.synchronize()
     record(what="prefill_host", ms=round(host, 3), **tag)
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 with_stack=True) as prof:
         for _ in range(3):
             fwd()
         torch.cuda.synchronize()
-    total = write_table(kernel_table(prof, 3), tag, "call",
-                        f"profile_prefill{a.prefill}_{a.model}_{tag['dtype']}_tp{WORLD}.txt")
+    name = f"prefill{a.prefill}_{a.model}_{tag['dtype']}_tp{WORLD}"
+    total = write_table(kernel_table(prof, 3), tag, "call", f"profile_{name}.txt")
     record(what="prefill_kernels", ms=round(total, 3), **tag)
+    host_table(prof, tag, f"host_{name}.txt")
     return 0
+
+
+SYNCS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+         "cudaMemcpy", "cudaEventSynchronize")   # host calls that wait for the GPU
+
+
+def host_table(prof, tag, name: str) -> None:
+    """Rank 0: host ops by self CPU time, then every call that waits for the GPU with the
+    Python lines it came from (a forward that syncs cannot run ahead of its kernels)."""
+    if RANK:
+        return
+    text = [str(tag), prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=35)]
+    waits = [e for e in prof.key_averages(group_by_stack_n=8) if e.key.startswith(SYNCS)]
+    for e in waits:
+        text.append(f"{e.key}  x{e.count}  self cpu {e.self_cpu_time_total / 1e3:.3f} ms")
+        text += [f"    {frame}" for frame in e.stack if "site-packages/torch" not in frame]
+    record(what="host_waits", calls={e.key: e.count for e in waits}, **tag)
+    with open(os.path.join(OUT, name), "w") as f:
+        f.write("\n".join(text) + "\n")
 
 
 def ab_paths(model, dec, args, a, tag) -> int:

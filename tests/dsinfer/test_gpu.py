@@ -1,7 +1,6 @@
 """On the GPU machine (`pytest -m gpu`): NCCL tensor parallelism across 2 GPUs, pre-sharded
 and int8 checkpoints, equal to HF on the same GPU."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 
 from dsinfer.quantize import QuantConfig, quantize
 from dsinfer.reshard import reshard
-from helpers import hf_models
+from helpers import child_env, hf_models
 
 pytestmark = pytest.mark.gpu
 SUPPORT = Path(__file__).resolve().parents[1] / "support"
@@ -30,7 +29,7 @@ def test_nccl_tp2_equals_hf(tmp_path, monkeypatch, fast):
              "llama:int8tp2:int8", "llama:tp2:inject:graph", "gpt2:tp2:batch:inject:graph",
              "bloom:tp2:inject:graph", "gpt_neox:tp2:inject", "opt:tp2:inject:graph",
              "llama:int8tp2:int8:inject:graph"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(SUPPORT)
     r = subprocess.run([sys.executable, "-m", "dsinfer", "--num_gpus", "2", "--no_local_rank",
                         str(SUPPORT / "runtime_worker.py"), str(tmp_path), str(tmp_path / "o"),
                         *cases], capture_output=True, text=True, timeout=600, env=env)
@@ -49,8 +48,7 @@ def test_nvlink_one_shot_all_reduce(tmp_path):
     """kernels.allreduce through dsinfer.fast_allreduce on 2 GPUs: equal to NCCL's sum for
     odd sizes and every dtype, call after call (both buffer halves), and replayed from a CUDA
     graph with new inputs."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")]),
-           "DSINFER_FAST_ALLREDUCE": "1"}
+    env = child_env(SUPPORT, DSINFER_FAST_ALLREDUCE="1")
     r = subprocess.run([sys.executable, "-m", "dsinfer", "--num_gpus", "2", "--no_local_rank",
                         str(SUPPORT / "allreduce_worker.py"), str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=300, env=env)

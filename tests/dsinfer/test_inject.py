@@ -13,7 +13,7 @@ from dsinfer.formats import CheckpointError
 from dsinfer import kernels
 from dsinfer.inject.decoder import CACHE_FIELD
 from dsinfer.reshard import reshard
-from helpers import hf_models
+from helpers import child_env, hf_models
 from test_runtime import CAUSAL, SUPPORT, launch, results, workdir  # noqa: F401 (fixture)
 
 GEN = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
@@ -210,12 +210,11 @@ def test_fused_blocks_through_the_triton_kernels():
     """The same blocks with their Triton kernels (interpreter, CPU) instead of the references:
     add+norm, activations, int8/fp GEMV where chosen, QKV -> cache with RoPE, decode attention."""
     import json
-    import os
     import subprocess
     import sys
     archs = ["llama", "gpt2", "gpt_neox", "gptj", "bloom", "gpt_neo", "opt", "llama:int8",
              "gpt2:int8"]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SUPPORT)}
+    env = child_env(SUPPORT, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, str(SUPPORT / "inject_triton_worker.py"), *archs],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

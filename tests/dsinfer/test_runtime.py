@@ -3,7 +3,6 @@ loaded from pre-sharded checkpoints equal plain HF (logits and 16 greedy tokens)
 the checkpoint's TP differs from the world size; int8; rank-local file access; the tutorial's
 T5 (injection_policy) and GPT-Neo pipeline examples; bad input."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from dsinfer.quantize import QuantConfig, quantize
 from dsinfer.reshard import reshard
-from helpers import hf_models
+from helpers import child_env, hf_models
 
 SUPPORT = Path(__file__).resolve().parents[1] / "support"
 CAUSAL = hf_models.CAUSAL
@@ -32,7 +31,7 @@ def workdir(tmp_path_factory):
 
 def launch(n: int, script: Path, *args, timeout: int = 900, expect_ok: bool = True,
            flag: str = "--num_procs"):
-    env = {**os.environ, "PYTHONPATH": str(SUPPORT)}
+    env = child_env(SUPPORT)
     r = subprocess.run([sys.executable, "-m", "dsinfer", flag, str(n), str(script),
                         *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
     if expect_ok:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from helpers import child_env
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TMP_TAGS = (".dsinfer-tmp-", ".dsinfer-old-")
@@ -171,8 +173,8 @@ MISSING = "rank-01-of-02/part-000.safetensors: rank file missing"
 def launch_faulty(mode: str, ckpt: Path, logdir: Path, timeout_env: int, limit: float):
     """`python -m dsinfer --num_procs 2 fault_worker.py MODE CKPT LOGDIR`: (result, seconds)."""
     import time
-    env = {**os.environ, "PYTHONPATH": f"{HERE}:{HERE.parent / 'support'}",
-           "DSINFER_TIMEOUT": str(timeout_env), "OMP_NUM_THREADS": "1"}
+    env = child_env(HERE, HERE.parent / "support", DSINFER_TIMEOUT=str(timeout_env),
+                    OMP_NUM_THREADS="1")
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "dsinfer", "--num_procs", "2",
                         str(HERE / "fault_worker.py"), mode, str(ckpt), str(logdir)],
