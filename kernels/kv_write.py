@@ -8,7 +8,8 @@ at the cache slots of the new tokens. Replaces a rotary launch and two cache cop
            batch shares the start; `slot` is a device tensor, so the step can sit in a CUDA graph)
     positions [B, S], cos / sin [max_pos, rotary_dim / 2] fp32 (see rotary.py for the styles)
 
-One program per (token, head slot): head slots 0..H-1 are queries, H..H+Hkv-1 keys, then values.
+One program per (tokens, head slot): head slots 0..H-1 are queries, H..H+Hkv-1 keys, then
+values; one token a program in decode steps, PREFILL_TOKENS in a prompt.
 """
 from __future__ import annotations
 
@@ -22,24 +23,26 @@ from ._triton import pdl_args, pdl_wait_then_release
 from .rotary import STYLES, apply_rotary_ref, rope_pairs
 
 LAYOUTS = ("packed", "per_head")
+PREFILL_TOKENS = 16     # tokens a program of a multi-token call (see qkv_to_cache)
 
 
 @triton.jit
-def _rotate(src, dst, cos_ptr, sin_ptr, pos, stride_cos, D: tl.constexpr, HALF: tl.constexpr,
-            INTERLEAVED: tl.constexpr, COPY_REST: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_HALF: tl.constexpr):
-    """RoPE of one head vector src -> dst (may be src: both halves are loaded first); with
-    COPY_REST the features past rotary_dim are copied too (dst elsewhere)."""
-    i = tl.arange(0, BLOCK_HALF)
-    i_mask = i < HALF
+def _rotate(src, dst, cos_ptr, sin_ptr, pos, rows, stride_cos, D: tl.constexpr,
+            HALF: tl.constexpr, INTERLEAVED: tl.constexpr, COPY_REST: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """RoPE of head vectors src -> dst (may be src: both halves are loaded first); src, dst,
+    pos and rows (which rows are real) are [TOK, 1]; with COPY_REST the features past
+    rotary_dim are copied too (dst elsewhere)."""
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    i_mask = (i < HALF) & rows
     cos = tl.load(cos_ptr + pos * stride_cos + i, mask=i_mask, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_cos + i, mask=i_mask, other=0.0)
     i1, i2 = rope_pairs(i, HALF, INTERLEAVED)
     x1 = tl.load(src + i1, mask=i_mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + i2, mask=i_mask, other=0.0).to(tl.float32)
     if COPY_REST:
-        d = tl.arange(0, BLOCK_D)
-        rest = (d >= 2 * HALF) & (d < D)
+        d = tl.arange(0, BLOCK_D)[None, :]
+        rest = (d >= 2 * HALF) & (d < D) & rows
         tl.store(dst + d, tl.load(src + d, mask=rest), mask=rest)
     tl.store(dst + i1, (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=i_mask)
     tl.store(dst + i2, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=i_mask)
@@ -48,52 +51,57 @@ def _rotate(src, dst, cos_ptr, sin_ptr, pos, stride_cos, D: tl.constexpr, HALF: 
 @triton.jit
 def _qkv_cache_kernel(
     qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
-    S, stride_qb, stride_qs,                    # qkv row strides (features contiguous)
+    S, n_tokens, stride_qb, stride_qs,          # qkv row strides (features contiguous)
     stride_cb, stride_ch, stride_cl,            # cache strides (head_dim contiguous)
     stride_pb, stride_ps, stride_cos,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     HALF: tl.constexpr,                         # rotary_dim // 2 (0: no rotary)
     INTERLEAVED: tl.constexpr, PER_HEAD: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    TOK: tl.constexpr,                          # tokens per program (1 in decode steps)
     PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
     pdl_wait_then_release(PDL)
-    token = tl.program_id(0)
+    t = tl.program_id(0) * TOK + tl.arange(0, TOK)     # [TOK] tokens of the flat [B * S]
     sh = tl.program_id(1)                       # head slot: queries, then keys, then values
-    b = token // S
-    s = token % S
-    row = qkv_ptr + b.to(tl.int64) * stride_qb + s * stride_qs
-    pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps).to(tl.int64)
+    real = t < n_tokens
+    b = t // S
+    s = t % S
+    rows = real[:, None]                        # [TOK, 1]
+    row = (qkv_ptr + b.to(tl.int64) * stride_qb + s * stride_qs)[:, None]
+    pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=real, other=0)
+    pos = pos.to(tl.int64)[:, None]
     if sh < H:                                  # query: rotated in place, nothing stored
         if HALF > 0:
             if PER_HEAD:
                 q = row + 3 * sh * D
             else:
                 q = row + sh * D
-            _rotate(q, q, cos_ptr, sin_ptr, pos, stride_cos, D, HALF, INTERLEAVED, False,
-                    BLOCK_D, BLOCK_HALF)
+            _rotate(q, q, cos_ptr, sin_ptr, pos, rows, stride_cos, D, HALF, INTERLEAVED,
+                    False, BLOCK_D, BLOCK_HALF)
     else:
         r = sh - H
         j = r % HKV
         slot = tl.load(slot_ptr).to(tl.int64) + s
-        at = b.to(tl.int64) * stride_cb + j * stride_ch + slot * stride_cl
-        d = tl.arange(0, BLOCK_D)
+        at = (b.to(tl.int64) * stride_cb + j * stride_ch + slot * stride_cl)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        dm = (d < D) & rows
         if r < HKV:                             # key: rotated into the cache
             if PER_HEAD:
                 k = row + (3 * j + 1) * D
             else:
                 k = row + (H + j) * D
             if HALF > 0:
-                _rotate(k, k_ptr + at, cos_ptr, sin_ptr, pos, stride_cos, D, HALF,
+                _rotate(k, k_ptr + at, cos_ptr, sin_ptr, pos, rows, stride_cos, D, HALF,
                         INTERLEAVED, True, BLOCK_D, BLOCK_HALF)
             else:
-                tl.store(k_ptr + at + d, tl.load(k + d, mask=d < D), mask=d < D)
+                tl.store(k_ptr + at + d, tl.load(k + d, mask=dm), mask=dm)
         else:                                   # value: copied into the cache
             if PER_HEAD:
                 v = row + (3 * j + 2) * D
             else:
                 v = row + (H + HKV + j) * D
-            tl.store(v_ptr + at + d, tl.load(v + d, mask=d < D), mask=d < D)
+            tl.store(v_ptr + at + d, tl.load(v + d, mask=dm), mask=dm)
 
 
 def _check(qkv, k_cache, v_cache, slot, positions, layout, heads, kv_heads, head_dim):
@@ -133,14 +141,20 @@ def qkv_to_cache(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     cos_t = cos.float().contiguous() if rotary else qkv
     sin_t = sin.float().contiguous() if rotary else qkv
     half = rotary_dim // 2 if rotary else 0
-    if B * S:
-        _qkv_cache_kernel[(B * S, heads + 2 * kv_heads)](
-            qkv, k_cache, v_cache, cos_t, sin_t, positions, slot, S, qkv.stride(0),
+    n = B * S
+    # decode (S = 1): a program per (row, head slot); a prompt: TOKENS tokens a program (one
+    # token's head is 64-256 bytes, too little work for a program: 512 tokens of Llama-7B took
+    # 61 us a layer that way on an H200, ~15% of the prefill)
+    tok = 1 if S == 1 else min(PREFILL_TOKENS, triton.next_power_of_2(n))
+    if n:
+        _qkv_cache_kernel[(triton.cdiv(n, tok), heads + 2 * kv_heads)](
+            qkv, k_cache, v_cache, cos_t, sin_t, positions, slot, S, n, qkv.stride(0),
             qkv.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             positions.stride(0), positions.stride(1), cos_t.stride(0) if rotary else 0,
             H=heads, HKV=kv_heads, D=head_dim, HALF=half, INTERLEAVED=style == "gptj",
             PER_HEAD=layout == "per_head", BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_HALF=triton.next_power_of_2(max(half, 1)), num_warps=1, **pdl_args(qkv))
+            BLOCK_HALF=triton.next_power_of_2(max(half, 1)), TOK=tok,
+            num_warps=1 if tok == 1 else 4, **pdl_args(qkv))
 
 
 def split_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, layout: str):

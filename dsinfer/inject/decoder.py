@@ -97,9 +97,9 @@ class FusedDecoder:
         if position_ids is None:
             position_ids = self.adapter.positions(attention_mask, start, S, B, self.device)
         self._rotary_tables(start + S)
-        one_step = (self.one_token_step(cache, input_ids, S, key_mask, first_key)
-                    and inputs_embeds is None and not any(v is not None and v is not False
-                                                       for v in kwargs.values()))
+        plain = inputs_embeds is None and not any(v is not None and v is not False
+                                                  for v in kwargs.values())
+        one_step = plain and self.one_token_step(cache, input_ids, S, key_mask, first_key)
         if self.head is not None:
             self.head.drop()
         done = None     # (the body's output hidden states, their logits or None): a whole step
@@ -108,6 +108,10 @@ class FusedDecoder:
                                        not one_step)
         if done is None and one_step and self.graphs is not None:
             done = self.graphs.replay(input_ids, position_ids, cache, start, key_mask, first_key)
+        elif (done is None and self.graphs is not None and plain and cache is not None
+              and start == 0 and S > 1 and key_mask is None and input_ids is not None):
+            h = self.graphs.prefill(input_ids, position_ids)    # None: runs eagerly below
+            done = None if h is None else (h, None)
         elif done is None and one_step and self.head_in_step():
             done = self.finish(self.run(input_ids, None, position_ids, attention_mask, cache,
                                         start, key_mask, first_key=first_key))
@@ -198,8 +202,25 @@ class FusedDecoder:
         """A one-token step's end: the body's output hidden states [B, 1, H'] (the family's
         output projection applied) and, with the head in the step, the LM head's logits
         [B, 1, vocab] (what a CUDA graph of the step then captures as well)."""
-        h = self.adapter.output(self.body, Output(last_hidden_state=h)).last_hidden_state
+        h = self.output(h)
         return h, (self.head.run(h) if self.head_in_step() else None)
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """The family's output projection (OPT's project_out), where it has one."""
+        return self.adapter.output(self.body, Output(last_hidden_state=h)).last_hidden_state
+
+    # ------------------------------------------------------------------ padded prefill
+    def padded_prefill(self, ids: torch.Tensor, positions: torch.Tensor, cache, n: int,
+                       starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """A new sequence's prompt right-padded to n tokens (ids, positions [B, n]; what a
+        prefill graph captures, graphs.py): the output hidden states [B, n, H'].
+
+        Exact for the real tokens: attention is causal, so no real token sees the padding
+        after it. The padding's K/V lands in cache slots at and past the sequence's length:
+        the next token overwrites its slot before any attention reads it, and reads stop at
+        the length. Padding ids and positions only need to be valid indices."""
+        return self.output(self.run(ids, None, positions, None, cache, 0, None, starts,
+                                    lengths))
 
     # ------------------------------------------------------------------ helpers
     def _incoming_cache(self, kwargs) -> Optional[StepCache]:

@@ -25,8 +25,17 @@ def engine(ref, **kw):
     return dsinfer.init_inference(copy.deepcopy(ref).cpu(), replace_with_kernel_inject=True, **kw)
 
 
+@pytest.fixture
+def exact_prompts(monkeypatch):
+    """Prompts run eagerly in graphed engines too, so graphed tokens can equal eager ones
+    bit for bit: a prefill graph runs the prompt padded to its bucket (other GEMM tilings,
+    fp16 rounding that can flip a near-tie token of a random model)."""
+    from dsinfer.inject import graphs
+    monkeypatch.setitem(graphs.PREFILL, "on", False)
+
+
 @pytest.mark.parametrize("arch", hf_models.CAUSAL)
-def test_fp16_logits_and_graphs(arch):
+def test_fp16_logits_and_graphs(arch, exact_prompts):
     ref = hf_models.build(arch).half().cuda()
     x = {k: v.cuda() for k, v in hf_models.inputs(ref).items()}
     eager = engine(ref, dtype=torch.float16)
@@ -51,7 +60,7 @@ def test_fp16_logits_and_graphs(arch):
 @pytest.mark.parametrize("extra", [dict(do_sample=True, top_k=5, num_return_sequences=2),
                                    dict(num_beams=3), dict(repetition_penalty=3.0)],
                          ids=["sampling", "beams", "repetition"])
-def test_graphs_with_missed_guesses(extra):
+def test_graphs_with_missed_guesses(extra, exact_prompts):
     """Decoding whose next token is not the argmax: guessed steps miss and are recomputed from
     the graph with the real token (same cache slot); tokens equal the eager fused model's."""
     ref = hf_models.build("llama").half().cuda()
@@ -67,7 +76,7 @@ def test_graphs_with_missed_guesses(extra):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neo", "bloom"])
-def test_left_padded_batch_replays_graphs(arch):
+def test_left_padded_batch_replays_graphs(arch, exact_prompts):
     """A left-padded batch decodes from CUDA graphs (each row's padding length is a graph
     input) with the eager fused tokens, which equal HF's on CPU (test_inject.py)."""
     ref = hf_models.build(arch).half().cuda()
@@ -85,6 +94,28 @@ def test_left_padded_batch_replays_graphs(arch):
     ones = torch.ones_like(ids)
     assert torch.equal(eager.module.generate(ids, attention_mask=ones, **GEN),
                        graphed.module.generate(ids, attention_mask=ones, **GEN))
+
+
+@pytest.mark.parametrize("arch", hf_models.CAUSAL)
+def test_prefill_graphs(arch):
+    """Prompts from prefill graphs (padded to their bucket): logits within 2e-2 of HF fp16,
+    within 1e-2 of the eager fused prompt, and generate runs on from them."""
+    ref = hf_models.build(arch).half().cuda()
+    eager = engine(ref, dtype=torch.float16)
+    graphed = engine(ref, dtype=torch.float16, enable_cuda_graph=True)
+    decoder = next(m.dsinfer_decoder for m in graphed.module.modules()
+                   if hasattr(m, "dsinfer_decoder"))
+    g = torch.Generator().manual_seed(5)
+    for S in (5, 12, 9, 40):
+        ids = torch.randint(1, ref.config.vocab_size, (2, S), generator=g).cuda()
+        with torch.no_grad():
+            want = ref(input_ids=ids).logits
+            got = graphed.module(input_ids=ids).logits
+            assert rel(want, got) <= 2e-2, (arch, S)
+            assert rel(eager.module(input_ids=ids).logits, got) <= 1e-2, (arch, S)
+        out = graphed.module.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+        assert out.shape == (2, S + GEN["max_new_tokens"])
+    assert sorted(decoder.graphs.prefills) == [(2, 8), (2, 16), (2, 64)], arch
 
 
 @pytest.mark.parametrize("arch", hf_models.CAUSAL)

@@ -335,7 +335,7 @@ QKV_LAYOUTS = [("packed", 4, 2), ("packed", 3, 3), ("per_head", 3, 3)]
 @pytest.mark.parametrize("layout,heads,kv_heads", QKV_LAYOUTS)
 @pytest.mark.parametrize("rope", [None, ("neox", 24), ("neox", 8), ("gptj", 12)])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("S", [1, 3, 9])        # 9: 18 tokens, programs of 16 (one partial)
 def test_qkv_to_cache(layout, heads, kv_heads, rope, dtype, S, gen):
     B, D, max_len, start = 2, 24, 16, 5
     qkv = randn(gen, B, S, (heads + 2 * kv_heads) * D, dtype=dtype)
