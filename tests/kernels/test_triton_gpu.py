@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsinfer.kernels import (activations, attention, int8_gemm, norms, quantize_ref,
-                             rotary)
+from dsinfer.kernels import (activations, attention, int8_gemm, kv_write, norms,
+                             quantize_ref, rotary)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -167,6 +167,37 @@ def test_rotary(style, heads, head_dim, rotary_dim, dtype):
     pos = torch.randint(0, 4096, (B, S), device=DEV)
     y = rotary.apply_rotary(x, cos, sin, pos, style, rotary_dim)
     assert rel(y, rotary.apply_rotary_ref(x, cos, sin, pos, style, rotary_dim)) < TOL
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rope", [
+    (32, 32, 128, ("neox", 128)),    # Llama-7B
+    (32, 8, 128, ("neox", 128)),     # GQA 4:1
+    (16, 16, 256, ("gptj", 64)),     # GPT-J
+    (20, 20, 128, None),             # GPT-Neo (no rotary)
+])
+@pytest.mark.parametrize("B,S", [(4, 1), (1, 512), (3, 77)])
+def test_qkv_to_cache(heads, kv_heads, head_dim, rope, B, S):
+    """Decode steps (a program per token) and prompts (16 tokens a program, a partial last
+    one): q rotated in place, k and v in their slots, every other cache slot untouched."""
+    dtype, max_len, start = torch.float16, 1024, 5
+    qkv = torch.randn(B, S, (heads + 2 * kv_heads) * head_dim, device=DEV, dtype=dtype)
+    caches = [torch.randn(B, kv_heads, max_len, head_dim, device=DEV, dtype=dtype)
+              for _ in range(2)]
+    pos = torch.randint(0, 4096, (B, S), device=DEV)
+    cos, sin = rotary.rotary_cache(4096, rope[1], device=DEV) if rope else (None, None)
+    style, rdim = rope if rope else ("neox", 0)
+    slot = torch.tensor([start], dtype=torch.int32, device=DEV)
+    want = [t.float() for t in (qkv, *caches)]
+    kv_write.qkv_to_cache_ref(*want, slot, pos, heads, kv_heads, head_dim, "packed", cos, sin,
+                              style, rdim)
+    kv_write.qkv_to_cache(qkv, *caches, slot, pos, heads, kv_heads, head_dim, "packed", cos,
+                          sin, style, rdim)
+    for got, ref in zip((qkv, *caches), want):
+        assert rel(got, ref) < TOL
+    keep = torch.ones(max_len, dtype=torch.bool, device=DEV)
+    keep[start:start + S] = False
+    for got, ref in zip(caches, want[1:]):          # the other slots: bit for bit
+        assert torch.equal(got[:, :, keep], ref[:, :, keep].to(dtype))
 
 
 @pytest.mark.parametrize("hq,hkv,head_dim,alibi,window", [
