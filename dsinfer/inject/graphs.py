@@ -16,12 +16,14 @@ Python and launches per 512-token forward of Llama-7B on an H200, ~20 ms at TP 2
 calls, against 12.9 / ~7 ms of GPU work (session 8). Buckets are powers of two up to 64
 tokens, then multiples of 64 (at most 63 padding tokens); prompts past
 DSINFER_PREFILL_GRAPH_TOKENS (batch x n, default 2048), where the GPU work outweighs the host's,
-run eagerly, and DSINFER_PREFILL_GRAPHS=0 turns prefill graphs off.
+run eagerly; the DSINFER_PREFILL_GRAPHS_KEPT (default 16) most recently used prefill graphs
+are kept; DSINFER_PREFILL_GRAPHS=0 turns prefill graphs off.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -30,7 +32,8 @@ from dsinfer.kernels._triton import PDL
 from dsinfer.log import warn
 
 PREFILL = {"on": os.environ.get("DSINFER_PREFILL_GRAPHS", "1") != "0",
-           "max_tokens": int(os.environ.get("DSINFER_PREFILL_GRAPH_TOKENS", "2048"))}
+           "max_tokens": int(os.environ.get("DSINFER_PREFILL_GRAPH_TOKENS", "2048")),
+           "kept": int(os.environ.get("DSINFER_PREFILL_GRAPHS_KEPT", "16"))}
 
 
 def prefill_bucket(S: int) -> int:
@@ -59,7 +62,9 @@ class DecodeGraphs:
     def __init__(self, decoder):
         self.decoder = decoder
         self.graphs: Dict[int, _Graph] = {}
-        self.prefills: Dict[Tuple[int, int], _Graph] = {}    # (batch, padded length)
+        # (batch, padded length) -> graph, least recently used first; at most PREFILL["kept"]
+        # (each holds its [B, n, hidden] output; a dropped one's memory returns to the pool)
+        self.prefills: "OrderedDict[Tuple[int, int], _Graph]" = OrderedDict()
         self.prefill_failed = False     # a prefill capture failed: prompts run eagerly
         self.pool = None
         self.tables = None   # the rotary tables the graphs were captured with
@@ -173,6 +178,7 @@ class DecodeGraphs:
         g = self.prefills.get((B, n)) or self._capture_prefill(B, n)
         if g is None:
             return None
+        self.prefills.move_to_end((B, n))
         g.ids[:, :S].copy_(input_ids, non_blocking=True)   # the rest: earlier valid values
         g.positions[:, :S].copy_(positions, non_blocking=True)
         g.graph.replay()
@@ -196,6 +202,8 @@ class DecodeGraphs:
             return None
         g = _Graph(graph, ids, pos, starts, lengths, starts, out)
         self.prefills[(B, n)] = g
+        while len(self.prefills) > max(1, PREFILL["kept"]):
+            self.prefills.popitem(last=False)
         return g
 
 

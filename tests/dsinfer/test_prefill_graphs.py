@@ -72,6 +72,17 @@ def test_padded_prefill_equals_hf(arch):
     assert sorted(dec.graphs.prefills) == [(2, 8), (2, 16), (2, 64)]
 
 
+def test_least_recently_used_graphs_are_dropped(monkeypatch):
+    ref, model, dec = with_graphs("llama")
+    monkeypatch.setitem(G.PREFILL, "kept", 2)
+    g = torch.Generator().manual_seed(4)
+    for S in (5, 12, 5, 30, 12):         # buckets 8, 16, 8, 32, 16
+        ids = torch.randint(0, ref.config.vocab_size, (1, S), generator=g)
+        with torch.no_grad():
+            assert rel(ref(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-4, S
+    assert list(dec.graphs.prefills) == [(1, 32), (1, 16)]
+
+
 def test_what_runs_eagerly(monkeypatch):
     """Left padding, an explicit use_cache=False and prompts past the token limit run the
     eager prefill (and still equal HF)."""
