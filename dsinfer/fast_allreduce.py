@@ -18,7 +18,14 @@ on look-ahead's side stream hung in a 128-token generate (cause not found), and 
 alone gained more (3.69 ms/token) than this kernel alone (3.90). On two H200s the pair ran
 once (session 7: 2.772 ms/token against 2.919 for NCCL + look-ahead) and hung twice in
 session 8 (an int8 generate, and a fp16 one with the LM head in the graph), so look-ahead is
-never combined with it, whatever DSINFER_LOOKAHEAD says.
+not combined with it (DSINFER_LOOKAHEAD=force does, to study the hang).
+
+A sum that waits for a peer longer than DSINFER_FAST_ALLREDUCE_SPIN polls (2^28: tens of
+seconds) gives up instead of hanging the GPU (kernels/allreduce.py), and the next forward
+raises one line saying which rank waited for which, at which call number, and where the
+peer was (`check`, called by the decoder after every forward: reads pinned host memory, no
+sync). Ranks whose call numbers differ launched different sums; equal ones would point at
+the protocol.
 """
 from __future__ import annotations
 
@@ -52,7 +59,15 @@ class NVLinkAllReduce:
                                         device=device)
         self.flag_ptrs = torch.tensor(list(flag_handle.buffer_ptrs), dtype=torch.int64,
                                       device=device)
-        self.counters = torch.zeros(K.MAX_PROGRAMS, dtype=torch.int32, device=device)
+        self.counters = torch.zeros(K.MAX_PROGRAMS + 1, dtype=torch.int32, device=device)
+        # what a wait that gave up saw (kernels/allreduce.py), in pinned host memory that the
+        # GPU writes directly (unified addressing) and the host reads without a sync
+        self.status = torch.zeros(K.STATUS, dtype=torch.int32, pin_memory=True)
+        self.status_ptr = torch.tensor([self.status.data_ptr()], dtype=torch.int64,
+                                       device=device)
+        # polls before a wait gives up: tens of seconds (a rank may still be autotuning or
+        # capturing while the other waits in its first sum)
+        self.spin_limit = int(os.environ.get("DSINFER_FAST_ALLREDUCE_SPIN", str(1 << 28)))
         torch.cuda.synchronize(device)
         dist.barrier(group=group)        # every rank's flags are zero before anyone signals
 
@@ -61,7 +76,14 @@ class NVLinkAllReduce:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return K.one_shot_all_reduce(x, self.buffer_ptrs, self.flag_ptrs, self.counters,
-                                     self.rank, self.world, self.half_bytes)
+                                     self.status_ptr, self.rank, self.world, self.half_bytes,
+                                     self.spin_limit)
+
+    def check(self) -> None:
+        """Raises if a sum gave up waiting for a peer (no sync: the status may show late)."""
+        failure = status_failure(self.status.tolist(), self.rank)
+        if failure:
+            raise RuntimeError(failure)
 
     @classmethod
     def create(cls, tp, device: torch.device) -> Optional["NVLinkAllReduce"]:
@@ -94,3 +116,15 @@ class NVLinkAllReduce:
             dist.all_reduce(want, group=tp.group)
             good &= torch.equal(self(x), want)
         return bool(good)
+
+
+def status_failure(status, rank: int) -> str:
+    """The one line for a status block (kernels/allreduce.py) that says a wait gave up; ''
+    when none did."""
+    failed, program, peer, awaited, reached = status
+    if not failed:
+        return ""
+    return (f"dsinfer: the NVLink all-reduce (DSINFER_FAST_ALLREDUCE=1) on rank {rank} gave "
+            f"up waiting for rank {peer} (program {program}, call {awaited}; rank {peer} had "
+            f"reached call {reached}): the ranks' sums are out of step and the results since "
+            "are wrong. Unset DSINFER_FAST_ALLREDUCE to sum through NCCL")

@@ -116,7 +116,7 @@ def _install_head(model, decoder: FusedDecoder, device: torch.device) -> None:
     mode = lookahead.mode()
     if mode == "off" or (mode == "auto" and decoder.graphs is None):
         return
-    if decoder.tp.fast is not None:     # dsinfer/fast_allreduce.py: never combined (hangs)
+    if decoder.tp.fast is not None and mode != "force":   # fast_allreduce.py: they hang
         (warn if mode == "on" else info)(
             "dsinfer: look-ahead decoding is off with DSINFER_FAST_ALLREDUCE=1 (together they "
             "hung TP 2 generates on H100s and H200s); unset DSINFER_FAST_ALLREDUCE for look-ahead")

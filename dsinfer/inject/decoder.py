@@ -128,6 +128,8 @@ class FusedDecoder:
         if self.lookahead is not None and one_step:
             self.lookahead.offer(cache, input_ids, position_ids, start, S, first_key,
                                  out.last_hidden_state)
+        if self.tp.fast is not None:    # a one-shot sum that gave up (no sync: may show late)
+            self.tp.fast.check()
         return out
 
     def run(self, input_ids, inputs_embeds, positions, attention_mask, cache, start, key_mask,

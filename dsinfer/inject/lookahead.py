@@ -36,8 +36,11 @@ from dsinfer.inject.head import ServedHead, same_view
 
 
 def mode() -> str:
-    """'auto' (with CUDA graphs), 'off' or 'on' (also eager), from DSINFER_LOOKAHEAD."""
-    return {"0": "off", "1": "on"}.get(os.environ.get("DSINFER_LOOKAHEAD", ""), "auto")
+    """'auto' (with CUDA graphs), 'off', 'on' (also eager) or 'force' (on, even beside the
+    one-shot all-reduce: only to study the hang of that pair, dsinfer/fast_allreduce.py),
+    from DSINFER_LOOKAHEAD."""
+    return {"0": "off", "1": "on", "force": "force"}.get(os.environ.get("DSINFER_LOOKAHEAD", ""),
+                                                         "auto")
 
 
 @dataclasses.dataclass

@@ -306,3 +306,23 @@ def test_graph_capture_retries_without_pdl(monkeypatch, caplog):
     s.always_fail = True
     assert s._capture_or_none(1, 4) is None and s.tries == [True, False]
     assert s.decoder.graphs is None and "decoding without graphs" in caplog.text
+
+
+def test_a_failed_one_shot_sum_stops_the_forward():
+    """dsinfer.fast_allreduce: a one-shot sum that gave up (its status block says so) makes the
+    next forward raise that one line instead of returning wrong logits."""
+    from dsinfer.fast_allreduce import status_failure
+    ref = hf_models.build("llama")
+    model = dsinfer.init_inference(copy.deepcopy(ref), replace_with_kernel_inject=True).module
+    dec = next(m.dsinfer_decoder for m in model.modules() if hasattr(m, "dsinfer_decoder"))
+
+    class GaveUp:
+        def fits(self, x):
+            return False
+
+        def check(self):
+            raise RuntimeError(status_failure([1, 0, 1, 6, 5], 0))
+
+    dec.tp.fast = GaveUp()
+    with pytest.raises(RuntimeError, match="gave up waiting for rank 1"):
+        model(**hf_models.inputs(ref))

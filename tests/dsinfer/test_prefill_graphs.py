@@ -128,3 +128,4 @@ def test_a_failed_prefill_capture_keeps_decode_graphs(caplog):
         assert torch.equal(ref.generate(ids, **GEN), model.generate(ids, **GEN))
     assert caplog.text.count("prefill failed") == 1, caplog.text
     assert dec.graphs.prefill_failed and not dec.graphs.prefills and dec.graphs.graphs
+
