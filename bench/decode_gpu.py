@@ -541,9 +541,27 @@ def measure(name, system, runner, args, record):
             say(f"{name} {system} decode batch {batch}")
             record(section="decode", **where, batch=batch, prompt_tokens=args.prompt, new_tokens=args.new,
                    **decode_ms(model, vocab, batch, args, runner.full_warmup), **runner.extra)
+            if args.lookahead_stats:
+                lookahead_stats(model, f"{name} {system} batch {batch}")
     if runner.prefill:
         with attempt(record, section="prefill", **where):
             record(section="prefill", **where, batch=1, **prefill(model, vocab, args), **runner.extra)
+
+
+def lookahead_stats(model, what: str) -> None:
+    """Every rank, to stderr: its look-ahead counts (guessed, hits, misses) and the one-shot
+    all-reduce's state (failed flag, status block: dsinfer/fast_allreduce.py), cumulative
+    over the runs so far. For studying one-shot sums beside look-ahead (DSINFER_LOOKAHEAD=force)."""
+    dec = next((m.dsinfer_decoder for m in model.modules() if hasattr(m, "dsinfer_decoder")), None)
+    if dec is None:
+        return
+    la = dec.lookahead.stats if dec.lookahead is not None else None
+    fast = dec.tp.fast
+    state = None if fast is None else dict(failed=int(fast.counters[-1].item()),
+                                           status=fast.status.tolist(),
+                                           calls=fast.counters[:4].tolist())
+    print(f"# rank {os.environ.get('RANK', '0')} {what}: look-ahead {la}; one-shot {state}",
+          file=sys.stderr, flush=True)
 
 
 def run_section(name, system, args, record):
@@ -596,6 +614,9 @@ def parse_args(argv=None):
     p.add_argument("--watchdog", type=float, default=0,
                    help="after this many seconds print every thread's Python stack and exit 1 "
                         "(a hang's post-mortem; default off)")
+    p.add_argument("--lookahead-stats", action="store_true",
+                   help="after each decode run every rank prints its look-ahead hits/misses and "
+                        "the one-shot all-reduce's state to stderr")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
