@@ -59,7 +59,21 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     path = Path(path)
     folder = path.parent if path.is_file() else path
     tag_dir = _tag_folder(folder)
+    if _megatron_args(tag_dir):     # Megatron-DeepSpeed: Megatron's model dict inside
+        from . import megatron
+        return megatron.read(tag_dir, options)
     return _read_tag(tag_dir, [tag_dir, tag_dir.parent, folder, folder.parent])
+
+
+def _megatron_args(tag_dir: Path) -> bool:
+    """Whether the tag's rank-0 model states carry Megatron's training args (Megatron-DeepSpeed
+    saves them as client state; an HF model trained with DeepSpeed does not)."""
+    files = sorted(p for p in tag_dir.iterdir() if MODEL_FILE.fullmatch(p.name))
+    if not files:
+        return False
+    state = load_pt(files[0])
+    args = state.get("args") if isinstance(state, dict) else None
+    return all(hasattr(args, a) for a in ("num_layers", "hidden_size", "num_attention_heads"))
 
 
 def read_descriptor(desc: dict, base: Path, options: ReadOptions) -> Checkpoint:

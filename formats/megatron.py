@@ -11,6 +11,14 @@ Each file is a pickled dict {"args": argparse.Namespace, "checkpoint_version": 3
 `attention.` names) or a flat megatron-core dict (embedding.*, decoder.layers.N.*, output_layer.*).
 Every pipeline stage numbers its layers from 0.
 
+Megatron-DeepSpeed (`--deepspeed --no-pipeline-parallel`) saves the same legacy model dicts
+through DeepSpeed's engine: ROOT/latest (the tag, e.g. "global_step1000") next to the tracker,
+ROOT/global_step1000/mp_rank_{tp:02d}_model_states.pt, each a dict whose "module" is the nested
+legacy state (Megatron's state_dict_for_save_checkpoint) beside DeepSpeed's own entries and
+Megatron's client state (args, checkpoint_version, iteration). Read like the legacy layout. Its
+pipeline layout (PipelineModule: layer_XX-model_YY-model_states.pt) is refused with a pointer to
+Megatron-DeepSpeed's converter.
+
 Reading goes native name -> role (NATIVE tables: `qkv.weight` of layer N, ...) -> TP merge of the
 rank pieces into one Megatron-global tensor (MERGE) -> HF tensors of the architecture family
 (GPT2_NAMES / LLAMA_NAMES: HF name template + picker). Every tensor is merged lazily, when its
@@ -35,6 +43,10 @@ TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILES = ("model_optim_rng.pt", "model_rng.pt")  # newest name first
 RANK_DIR = re.compile(r"mp_rank_(\d{2,})(?:_(\d{3,}))?")
 ITER_DIR = re.compile(r"iter_(\d+)")
+DS_TAG_FILE = "latest"                                          # Megatron-DeepSpeed
+DS_MODEL_FILE = re.compile(r"mp_rank_(\d{2,})_model_states\.pt")
+DS_PIPE_FILE = re.compile(r"layer_\d+-model_\d+-model_states\.pt")
+DS_STEP_DIR = re.compile(r"global_step(\d+)")
 SUPPORTED_VERSIONS = (0.0, 1.0, 2.0, 3.0)
 # Rank files are memory-mapped; pages read from a mapping count in RSS until it is dropped, so
 # every mapping is dropped (and reopened on demand) after this many bytes of tensors were read.
@@ -274,6 +286,16 @@ def _flatten(d: dict, prefix: str = ""):
 
 def _model_state(state: dict, path: Path) -> Dict[str, torch.Tensor]:
     """The file's model tensors, flattened to dotted native names, minus skipped entries."""
+    if "model" not in state and isinstance(state.get("module"), dict):   # Megatron-DeepSpeed
+        tensors = {n: t for n, t in _flatten(state["module"])
+                   if isinstance(t, torch.Tensor) and not SKIP.fullmatch(n)}
+        empty = [n for n, t in tensors.items() if t.numel() == 0]
+        if empty:
+            raise CheckpointError(
+                f"{path}: module tensors are empty ({empty[0]}, ...): a ZeRO stage 3 save keeps "
+                "the weights only in its optimizer partitions; save the model with ZeRO stage "
+                "0-2, or gather it (DeepSpeed's zero_to_fp32) first")
+        return tensors
     if "model" not in state:
         chunks = sorted(k for k in state if re.fullmatch(r"model\d+", str(k)))
         if chunks:
@@ -288,6 +310,8 @@ def _model_state(state: dict, path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _model_file(folder: Path) -> Path:
+    if folder.is_file():                       # Megatron-DeepSpeed: the rank file itself
+        return folder
     for name in MODEL_FILES:
         if (folder / name).is_file():
             return folder / name
@@ -299,7 +323,7 @@ def _locate(path: Path) -> Tuple[Path, object]:
     """(folder holding the mp_rank_* folders, iteration number or "release")."""
     tracker = path / TRACKER
     if not tracker.is_file():
-        m = ITER_DIR.fullmatch(path.name)
+        m = ITER_DIR.fullmatch(path.name) or DS_STEP_DIR.fullmatch(path.name)
         return path, "release" if path.name == "release" else int(m[1]) if m else None
     tag = tracker.read_text().strip()
     if tag == "release":
@@ -307,6 +331,8 @@ def _locate(path: Path) -> Tuple[Path, object]:
     elif tag.isdigit():
         iteration = int(tag)
         folder = path / f"iter_{iteration:07d}"
+        if not folder.is_dir() and (path / DS_TAG_FILE).is_file():
+            return _ds_tag_folder(path), iteration
     else:
         raise CheckpointError(f"{tracker}: holds {tag!r}, neither an iteration number nor "
                               "'release'; write the iteration to load into it")
@@ -319,12 +345,31 @@ def _locate(path: Path) -> Tuple[Path, object]:
     return folder, iteration
 
 
+def _ds_tag_folder(path: Path) -> Path:
+    """ROOT/latest's tag folder (Megatron-DeepSpeed), checked to exist."""
+    latest = path / DS_TAG_FILE
+    tag = latest.read_text().strip()
+    if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or not (path / tag).is_dir():
+        raise CheckpointError(f"{latest}: names {tag!r}, which is not a folder here; write the "
+                              "tag folder's name (e.g. global_step1000) into it")
+    return path / tag
+
+
 def _rank_dirs(folder: Path) -> Dict[Tuple[int, int], Path]:
+    """(tp, pp) -> rank folder, or (Megatron-DeepSpeed) -> the rank's model-states file."""
     found = {}
     for d in folder.iterdir():
         m = RANK_DIR.fullmatch(d.name)
         if m and d.is_dir():
             found[(int(m[1]), int(m[2] or 0))] = d
+        m = DS_MODEL_FILE.fullmatch(d.name)
+        if m and d.is_file():
+            found[(int(m[1]), 0)] = d
+    if any(DS_PIPE_FILE.fullmatch(d.name) for d in folder.iterdir()):
+        raise CheckpointError(
+            f"{folder}: a Megatron-DeepSpeed pipeline checkpoint (layer_XX-model_YY-model_states"
+            ".pt files), which dsinfer does not read; convert it with Megatron-DeepSpeed's "
+            "tools/convert_checkpoint/deepspeed_to_megatron.py, then read the result")
     if not found:
         raise CheckpointError(f"{folder}: no mp_rank_XX folders; point at a Megatron save folder "
                               "(with latest_checkpointed_iteration.txt) or one of its iter_XXXXXXX/"
@@ -677,9 +722,14 @@ def sniff(path: Path) -> bool:
     children = list(path.iterdir())
     if (path / TRACKER).is_file():
         # Megatron-DeepSpeed writes the tracker too, next to `latest` and global_stepN folders
-        iter_dirs = any(ITER_DIR.fullmatch(c.name) or c.name == "release" for c in children)
-        return iter_dirs or not (path / "latest").is_file()
-    return any(RANK_DIR.fullmatch(c.name) and c.is_dir() for c in children)
+        # (plain DeepSpeed runs write `latest` only)
+        return True
+    if any(RANK_DIR.fullmatch(c.name) and c.is_dir() for c in children):
+        return True
+    # a Megatron-DeepSpeed tag folder: DeepSpeed rank files whose saved args are Megatron's
+    return (DS_STEP_DIR.fullmatch(path.name) is not None
+            and (path.parent / TRACKER).is_file()
+            and any(DS_MODEL_FILE.fullmatch(c.name) for c in children))
 
 
 def read(path: Path, options: ReadOptions) -> Checkpoint:

@@ -174,8 +174,10 @@ READER_NOTES = {
     "dsinfer": "a dsinfer folder (`dsinfer.json`), float or int8, any TP degree",
     "deepspeed": "DeepSpeed training saves (`latest`, `global_stepN/`, ZeRO 0-3); the model's "
                  "HF `config.json` must be in the tag folder, the save folder or its parent",
-    "megatron": "Megatron-LM legacy and megatron-core GPT checkpoints, any TP x PP; the family "
-                "is detected from the args (RMSNorm / SwiGLU / RoPE: Llama) or `--arch`",
+    "megatron": "Megatron-LM legacy and megatron-core GPT checkpoints, any TP x PP, and "
+                "Megatron-DeepSpeed saves without pipeline stages (`latest` + "
+                "`global_stepN/mp_rank_XX_model_states.pt`); the family is detected from the "
+                "args (RMSNorm / SwiGLU / RoPE: Llama) or `--arch`",
     "ds_inference": "DeepSpeed-Inference `save_mp_checkpoint_path` folders "
                     "(`ds_inference_config.json`, kernel-injected names)",
     "descriptor": "the DeepSpeed tutorial's `checkpoint.json`; the cell names the `\"type\"` "

@@ -347,10 +347,12 @@ def test_sniff(tmp_path):
     assert not megatron.sniff(MEGATRON / "gpt2_tp2" / ITER / "mp_rank_00" / "model_optim_rng.pt")
     assert not megatron.sniff(tmp_path)
     assert not megatron.sniff(FIXTURES / "deepspeed" / "ws1" / "gpt2_zero0")
-    (tmp_path / "latest").write_text("global_step5")  # Megatron-DeepSpeed writes both trackers
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("5")
+    (tmp_path / "latest").write_text("global_step5")  # plain DeepSpeed: `latest` only
     (tmp_path / "global_step5").mkdir()
     assert not megatron.sniff(tmp_path)
+    # Megatron-DeepSpeed writes both trackers (tests/formats/test_megatron_deepspeed.py)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("5")
+    assert megatron.sniff(tmp_path)
 
 
 # ---- bad input -------------------------------------------------------------------------------
