@@ -219,7 +219,8 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
     if path is not None:
         # On a GPU a pre-sharded checkpoint's files start streaming to the device here, and go
         # on while the process group and NCCL come up (~0.5 s or more at TP > 1).
-        source = open_rank_source(path, spec, size, rank, qc, device, verify=verify)
+        source = open_rank_source(path, spec, size, rank, qc, device, verify=verify,
+                                  vocab_size=getattr(model.config, "vocab_size", None))
         _check_architecture(spec, source)
     elif any(p.is_meta for p in model.parameters()):
         raise CheckpointError("the model is on the meta device and no checkpoint was "

@@ -9,7 +9,7 @@ import torch
 
 from dsinfer import specs
 from dsinfer.log import warn
-from dsinfer.formats import CheckpointError, Placement, open_checkpoint
+from dsinfer.formats import CheckpointError, Placement, ReadOptions, open_checkpoint
 from dsinfer.formats import dsinfer_format
 from dsinfer.formats.bulk_read import DeviceRead
 from dsinfer.formats.layout import shard
@@ -91,8 +91,10 @@ def verify_files(path: Path, tp: int, rank: int, quantization=None) -> None:
 
 
 def open_rank_source(path, spec, tp: int, rank: int, quantization=None, device=None,
-                     verify: bool = False) -> RankSource:
-    """Chooses the fast path (pre-sharded, same TP) or the general one, with a warning."""
+                     verify: bool = False, vocab_size: Optional[int] = None) -> RankSource:
+    """Chooses the fast path (pre-sharded, same TP) or the general one, with a warning.
+    vocab_size: the model's; a Megatron source's padding rows past it are dropped (Megatron
+    pads the vocabulary to a multiple of 128 x TP; the model's config names the real size)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: no such file or directory")
@@ -115,7 +117,7 @@ def open_rank_source(path, spec, tp: int, rank: int, quantization=None, device=N
         warn("dsinfer: %s is not pre-sharded for TP %d: every rank reads the full "
                     "tensors (pre-shard with `dsinfer-reshard`/`dsinfer-quantize --tp %d` to "
                     "load faster)", path, tp, tp)
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, options=ReadOptions(vocab_size=vocab_size))
     if quantization is not None:
         from dsinfer.quantize import quantized_view
         ckpt, _ = quantized_view(ckpt, spec, quantization, {})

@@ -526,8 +526,9 @@ def _spec(args, roles: Dict[str, Pieces], version: float, options: ReadOptions,
     padded = sum(f.shapes[n][0][0] for f, n in wte)
     vocab = options.vocab_size or padded
     if vocab > padded:
-        raise CheckpointError(f"{where}: --vocab-size {vocab} is larger than the {padded} "
-                              f"embedding rows; pass at most {padded}")
+        raise CheckpointError(f"{where}: vocab size {vocab} (--vocab-size, or the model's "
+                              f"config.vocab_size at load) is larger than the {padded} embedding "
+                              f"rows; use at most {padded}")
     position = _arg(args, "position_embedding_type",
                     "rope" if _arg(args, "use_rotary_position_embeddings", False)
                     else "learned_absolute")

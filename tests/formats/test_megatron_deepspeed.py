@@ -175,3 +175,19 @@ def test_plain_deepspeed_args_are_not_megatron(tmp_path):
     assert detect(tmp_path) == "deepspeed"
     with pytest.raises(CheckpointError, match="no config.json"):
         deepspeed.read(tmp_path, ReadOptions())
+
+
+def test_init_inference_drops_vocab_padding(mds_tp2, gpt2):
+    """init_inference(checkpoint=<Megatron save>) on an HF model of the real vocabulary: the
+    padding rows Megatron added (100 -> 128) are dropped, the logits are the model's."""
+    import transformers
+    import dsinfer
+    model, _, _ = gpt2
+    with torch.device("meta"):
+        skeleton = transformers.GPT2LMHeadModel(model.config)
+    engine = dsinfer.init_inference(skeleton, dtype=torch.float32, checkpoint=str(mds_tp2))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = engine.module(ids).logits, model(ids).logits
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
