@@ -253,6 +253,23 @@ def unsupported_checkpoint_version(b: Bench):
 
 
 @case
+def megatron_deepspeed_pipeline(b: Bench):
+    src = b.copy("megatron")
+    args = load_pt(src / ITER / "mp_rank_00" / "model_optim_rng.pt")["args"]
+    mds = b.dir / "mds"
+    tag = mds / "global_step1"
+    tag.mkdir(parents=True)
+    rs._save({"module": None, "args": args, "iteration": 1}, tag / "mp_rank_00_model_states.pt")
+    rs._save({"word_embeddings.weight": torch.zeros(4, 4)},
+             tag / "layer_01-model_00-model_states.pt")
+    (mds / "latest").write_text("global_step1")
+    (mds / "latest_checkpointed_iteration.txt").write_text("1")
+    return Row("Megatron-DeepSpeed save with pipeline layer files (layer_01-model_00-...)",
+               *b.run("reshard", mds, "--tp", 1, "--out", b.dir / "out"),
+               ("global_step1", "deepspeed_to_megatron"), out=b.dir / "out")
+
+
+@case
 def heads_not_divisible(b: Bench):
     return Row("GPT-2 (8 heads) to TP 3", *b.run("reshard", b.src["gpt2"], "--tp", 3, "--out",
                                                  b.dir / "out"),
