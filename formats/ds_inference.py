@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -47,6 +47,19 @@ class Native:
     hf: Tuple[str, ...]
     split: Optional[int] = None
     transpose: bool = False
+    # relative sizes of the fused parts, from the HF config (default: equal), e.g. Q|K|V of a
+    # GQA model; one HF name with `parts` > 1 is a tensor HF stores fused too (GPT-2's c_attn)
+    sizes: Optional[Callable[[dict], Tuple[int, ...]]] = None
+    parts: int = 1
+
+    def part_sizes(self, config: dict, total: int, where: str) -> Tuple[int, ...]:
+        """The fused parts' sizes along `split` in one rank's piece of `total` rows."""
+        ratio = self.sizes(config) if self.sizes else (1,) * max(len(self.hf), self.parts)
+        if total % sum(ratio):
+            raise CheckpointError(f"{where}: {total} rows on dim {self.split} do not hold "
+                                  f"{len(ratio)} fused parts in the ratio {ratio} the config "
+                                  "gives; the config.json is not this checkpoint's")
+        return tuple(total // sum(ratio) * r for r in ratio)
 
 
 def whole(hf: str) -> Native:          # norms, row-parallel biases: [d] on every rank
@@ -65,15 +78,45 @@ def row_w(hf: str) -> Native:          # [in/N, out] per rank
     return Native((hf,), split=0, transpose=True)
 
 
+def conv_col(hf: str, parts: int = 1) -> Native:   # Conv1D weights (GPT-2): [in, out] as HF
+    return Native((hf,), split=1, parts=parts)     # stores them; fused parts sliced per rank
+
+
+def conv_col_b(hf: str, parts: int = 1) -> Native:
+    return Native((hf,), split=0, parts=parts)
+
+
+def conv_row(hf: str) -> Native:
+    return Native((hf,), split=0)
+
+
+def _gqa(config: dict) -> Tuple[int, int, int]:   # Q|K|V of a Llama: heads, kv heads, kv heads
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    return heads, kv, kv
+
+
+def _norms(pre: str, post: str, bias: bool = True) -> Dict[str, Native]:
+    names = {"norm_w": whole(f"{pre}.weight"), "mlp.attn_nw": whole(f"{post}.weight")}
+    if bias:
+        names.update({"norm_b": whole(f"{pre}.bias"), "mlp.attn_nb": whole(f"{post}.bias")})
+    return names
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
-    layer: str                  # prefix of block i, native and HF: f"{layer}{i}."
+    layer: str                  # block i is f"{any prefix}{layer}{i}.", native and HF alike
     block: Dict[str, Native]    # native name within a block -> its HF tensors
 
 
 # HF model_type (config.json) -> kernel-injected names. Add an architecture as one entry here.
+# Each was read off files DeepSpeed 0.19.8 itself wrote (tests/fixtures/ds_inference, and the
+# GPT-Neo fixtures at TP 1 and 2): every native tensor equal to the HF tensors it names.
+# Fused parts at TP > 1 follow DeepSpeed's ReplaceWithTensorSlicing.strided_copy: each rank
+# holds its slice of every part. Not listed (DeepSpeed's injection does not run on
+# transformers 5): gpt_neox, bloom.
 ARCHS: Dict[str, Arch] = {
-    "gpt_neo": Arch("transformer.h.", {
+    "gpt_neo": Arch("h.", {
         "norm_w": whole("ln_1.weight"),
         "norm_b": whole("ln_1.bias"),
         "attention.attn_qkvw": col_w("attn.attention.q_proj.weight", "attn.attention.k_proj.weight",
@@ -86,6 +129,63 @@ ARCHS: Dict[str, Arch] = {
         "mlp.inter_b": col_b("mlp.c_fc.bias"),
         "mlp.output_w": row_w("mlp.c_proj.weight"),
         "mlp.output_b": whole("mlp.c_proj.bias"),
+    }),
+    "gpt2": Arch("h.", {
+        **_norms("ln_1", "ln_2"),
+        "attention.attn_qkvw": conv_col("attn.c_attn.weight", parts=3),
+        "attention.attn_qkvb": conv_col_b("attn.c_attn.bias", parts=3),
+        "attention.attn_ow": conv_row("attn.c_proj.weight"),
+        "attention.attn_ob": whole("attn.c_proj.bias"),
+        "mlp.inter_w": conv_col("mlp.c_fc.weight"),
+        "mlp.inter_b": conv_col_b("mlp.c_fc.bias"),
+        "mlp.output_w": conv_row("mlp.c_proj.weight"),
+        "mlp.output_b": whole("mlp.c_proj.bias"),
+    }),
+    "gptj": Arch("h.", {          # parallel attention + MLP: one norm, no attention biases
+        "norm_w": whole("ln_1.weight"),
+        "norm_b": whole("ln_1.bias"),
+        "attention.attn_qkvw": col_w("attn.q_proj.weight", "attn.k_proj.weight",
+                                     "attn.v_proj.weight"),
+        "attention.attn_ow": row_w("attn.out_proj.weight"),
+        "mlp.inter_w": col_w("mlp.fc_in.weight"),
+        "mlp.inter_b": col_b("mlp.fc_in.bias"),
+        "mlp.output_w": row_w("mlp.fc_out.weight"),
+        "mlp.output_b": whole("mlp.fc_out.bias"),
+    }),
+    "opt": Arch("layers.", {
+        **_norms("self_attn_layer_norm", "final_layer_norm"),
+        "attention.attn_qkvw": col_w("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                     "self_attn.v_proj.weight"),
+        "attention.attn_qkvb": col_b("self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                     "self_attn.v_proj.bias"),
+        "attention.attn_ow": row_w("self_attn.out_proj.weight"),
+        "attention.attn_ob": whole("self_attn.out_proj.bias"),
+        "mlp.inter_w": col_w("fc1.weight"),
+        "mlp.inter_b": col_b("fc1.bias"),
+        "mlp.output_w": row_w("fc2.weight"),
+        "mlp.output_b": whole("fc2.bias"),
+    }),
+    "llama": Arch("layers.", {
+        **_norms("input_layernorm", "post_attention_layernorm", bias=False),
+        "attention.attn_qkvw": Native(("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                       "self_attn.v_proj.weight"), split=1, transpose=True,
+                                      sizes=_gqa),
+        "attention.attn_ow": row_w("self_attn.o_proj.weight"),
+        "mlp.inter_w": col_w("mlp.up_proj.weight", "mlp.gate_proj.weight"),   # up first
+        "mlp.output_w": row_w("mlp.down_proj.weight"),
+    }),
+    "bert": Arch("layer.", {       # post-norm: norm_w is the block's last norm
+        **_norms("output.LayerNorm", "attention.output.LayerNorm"),
+        "attention.attn_qkvw": col_w("attention.self.query.weight", "attention.self.key.weight",
+                                     "attention.self.value.weight"),
+        "attention.attn_qkvb": col_b("attention.self.query.bias", "attention.self.key.bias",
+                                     "attention.self.value.bias"),
+        "attention.attn_ow": row_w("attention.output.dense.weight"),
+        "attention.attn_ob": whole("attention.output.dense.bias"),
+        "mlp.inter_w": col_w("intermediate.dense.weight"),
+        "mlp.inter_b": col_b("intermediate.dense.bias"),
+        "mlp.output_w": row_w("output.dense.weight"),
+        "mlp.output_b": whole("output.dense.bias"),
     }),
 }
 
@@ -122,7 +222,7 @@ def read_config_json(desc: dict, base: Path, options: ReadOptions) -> Checkpoint
                               "the tp files; the files are from different runs")
     config, config_dir = locate_config([root, root.parent, base, base.parent], where)
     arch = _arch(config, where)
-    tensors = _refs(ranks, arch, root) + _refs([common], arch, root)
+    tensors = _refs(ranks, arch, root, config) + _refs([common], arch, root, config)
     if not tensors:
         raise CheckpointError(f"{where}: its files hold no tensors; copy the "
                               "complete save_mp_checkpoint_path folder")
@@ -190,7 +290,7 @@ def _arch(config: dict, where: Path) -> Arch:
 
 def _native(name: str, arch: Arch, where: Path) -> Tuple[str, Native]:
     """(HF prefix, rule) of a native name: block tensors by the table, the rest as they are."""
-    m = re.fullmatch(rf"({re.escape(arch.layer)}\d+\.)(.+)", name)
+    m = re.fullmatch(rf"((?:.*\.)?{re.escape(arch.layer)}\d+\.)(.+)", name)
     if not m:
         return "", whole(name)
     if m.group(2) not in arch.block:
@@ -199,19 +299,19 @@ def _native(name: str, arch: Arch, where: Path) -> Tuple[str, Native]:
     return m.group(1), arch.block[m.group(2)]
 
 
-def _refs(ranks: List[Dict[str, torch.Tensor]], arch: Arch, root: Path) -> List[TensorRef]:
+def _refs(ranks: List[Dict[str, torch.Tensor]], arch: Arch, root: Path,
+          config: dict) -> List[TensorRef]:
     out = []
     for name in ranks[0]:
         shards = _shards(ranks, name, root)
         prefix, rule = _native(name, arch, root)
-        if rule.split is not None and shards[0].shape[rule.split] % len(rule.hf):
-            raise CheckpointError(f"{root}: '{name}' has {shards[0].shape[rule.split]} rows on "
-                                  f"dim {rule.split}, not {len(rule.hf)} equal fused parts")
-        shape = _hf_shape(tuple(shards[0].shape), rule, len(shards))
+        sizes = None if rule.split is None else \
+            rule.part_sizes(config, shards[0].shape[rule.split], f"{root}: '{name}'")
         dtype = shards[0].dtype
-        out += [TensorRef(prefix + hf, shape, dtype,
-                          load=lambda s=shards, r=rule, p=p: _load(s, r, p))
-                for p, hf in enumerate(rule.hf)]
+        for p, hf in enumerate(rule.hf):
+            shape = _hf_shape(tuple(shards[0].shape), rule, len(shards), sizes, p)
+            out.append(TensorRef(prefix + hf, shape, dtype,
+                                 load=lambda s=shards, r=rule, z=sizes, p=p: _load(s, r, z, p)))
     return out
 
 
@@ -229,18 +329,27 @@ def _shards(ranks, name: str, root: Path) -> List[torch.Tensor]:
     return shards
 
 
-def _hf_shape(local: tuple, rule: Native, tp: int) -> tuple:
+def _parts_of(rule: Native, sizes: Tuple[int, ...], part: int) -> List[Tuple[int, int]]:
+    """(start, size) in a rank's piece of the fused parts that make HF tensor `part`: one part
+    per HF name, or all `parts` of a single HF name stored fused."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    chosen = range(len(sizes)) if rule.parts > 1 else [part]
+    return [(starts[i], sizes[i]) for i in chosen]
+
+
+def _hf_shape(local: tuple, rule: Native, tp: int, sizes, part: int) -> tuple:
     shape = list(local)
     if rule.split is not None:
-        shape[rule.split] = local[rule.split] * tp // len(rule.hf)
+        shape[rule.split] = sum(n for _, n in _parts_of(rule, sizes, part)) * tp
     return tuple(reversed(shape)) if rule.transpose else tuple(shape)
 
 
-def _load(shards: List[torch.Tensor], rule: Native, part: int) -> torch.Tensor:
-    """HF tensor `part` of the rule: each rank's slice of that part, joined along `split`."""
+def _load(shards: List[torch.Tensor], rule: Native, sizes, part: int) -> torch.Tensor:
+    """HF tensor `part` of the rule: for each fused part it holds, every rank's slice of that
+    part joined along `split` (rank order), the parts one after another."""
     if rule.split is None:
         t = shards[0]
     else:
-        size = shards[0].shape[rule.split] // len(rule.hf)
-        t = torch.cat([s.narrow(rule.split, part * size, size) for s in shards], dim=rule.split)
+        t = torch.cat([s.narrow(rule.split, start, n) for start, n in
+                       _parts_of(rule, sizes, part) for s in shards], dim=rule.split)
     return t.t().contiguous() if rule.transpose else t.clone()
