@@ -273,6 +273,12 @@ def _merge_files(paths: List[Path]) -> Dict[str, torch.Tensor]:
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
         for name, t in sd.items():
+            if not isinstance(t, torch.Tensor):
+                what = "an int8 weight with its scales ([weight, scale])" \
+                    if isinstance(t, (list, tuple)) else f"a {type(t).__name__}"
+                raise CheckpointError(
+                    f"{path}: '{name}' holds {what}, not a tensor: DeepSpeed's int8 saves are "
+                    "not read; save with dtype=torch.float16 and quantize with dsinfer-quantize")
             if name in out:
                 raise CheckpointError(f"{path}: tensor '{name}' appears in two files of one rank;"
                                       " the files are from different runs")

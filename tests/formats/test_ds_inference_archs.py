@@ -138,3 +138,16 @@ def test_config_that_does_not_fit_the_fused_parts(tmp_path):
     with pytest.raises(CheckpointError, match=r"attn_qkvw': 128 rows on dim 1 do not hold 3 "
                                               r"fused parts in the ratio \(4, 3, 3\)"):
         read(tmp_path / "tp1" / "presharded")
+
+
+def test_int8_save_is_refused(tmp_path):
+    folder = tmp_path / "opt" / "presharded"
+    shutil.copytree(DSI / "opt", tmp_path / "opt")
+    part = load_pt(folder / "tp_00_01.pt")
+    name = next(n for n in part if n.endswith("attn_qkvw"))
+    part[name] = [part[name].to(torch.int8), torch.ones(4)]
+    torch.save(part, str(folder / "tp_00_01.pt") + ".tmp")
+    (folder / "tp_00_01.pt.tmp").replace(folder / "tp_00_01.pt")
+    with pytest.raises(CheckpointError, match=r"holds an int8 weight with its scales .*"
+                                              r"dsinfer-quantize"):
+        open_checkpoint(folder)
