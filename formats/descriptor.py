@@ -27,7 +27,9 @@ HANDLERS = {
     "megatron": {"list": ("megatron", "read_descriptor")},
     "ds_model": {"list": ("deepspeed", "read_descriptor"),
                  "dict": ("ds_inference", "read_config_json")},
-    "bloom": {"list": ("hf", "read_descriptor")},
+    # DeepSpeed's save_mp_checkpoint_path names BLOOM models' pre-sharded saves "bloom" too
+    "bloom": {"list": ("hf", "read_descriptor"),
+              "dict": ("ds_inference", "read_config_json")},
 }
 
 

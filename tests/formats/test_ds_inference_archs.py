@@ -151,3 +151,15 @@ def test_int8_save_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds an int8 weight with its scales .*"
                                               r"dsinfer-quantize"):
         open_checkpoint(folder)
+
+
+def test_bloom_typed_json_is_read_as_presharded(tmp_path):
+    """DeepSpeed names its pre-sharded save of a BLOOM model "type": "bloom": the json path
+    goes to this reader like a "ds_model" one."""
+    shutil.copytree(DSI / "opt", tmp_path / "opt")
+    cfg = tmp_path / "opt" / "presharded" / ds_inference.CONFIG_NAME
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), type="bloom")))
+    assert detect(cfg) == "descriptor"
+    got = read(cfg)
+    want = load_file(DSI / "opt" / "reference_fp16.safetensors")
+    assert all(torch.equal(got[n], want[n]) for n in want)
