@@ -623,6 +623,20 @@ def _llama_config(s: _Spec) -> dict:
     }
 
 
+def _qwen2_config(s: _Spec) -> dict:
+    """Llama with biases on Q, K and V only (Megatron's --add-qkv-bias --disable-bias-linear)."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "vocab_size": s.vocab, "hidden_size": s.hidden, "intermediate_size": s.ffn,
+        "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+        "num_key_value_heads": s.groups, "hidden_act": "silu",
+        "max_position_embeddings": s.max_positions, "rms_norm_eps": s.eps,
+        "rope_theta": s.rope_theta, "use_sliding_window": False,
+        "attention_dropout": s.attention_dropout, "initializer_range": s.init_std,
+        "tie_word_embeddings": s.tied, "torch_dtype": _dtype_name(s.dtype),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     architecture: str
@@ -639,9 +653,13 @@ FAMILIES = {
     "llama": Family("LlamaForCausalLM", LLAMA_NAMES, {
         "norm": ("RMSNorm",), "mlp": ("swiglu",), "position": ("rope",),
         "bias": ("all", "none")}, _llama_config),
+    "qwen2": Family("Qwen2ForCausalLM", LLAMA_NAMES, {   # HF Qwen2 derives head_dim
+        "norm": ("RMSNorm",), "mlp": ("swiglu",), "position": ("rope",), "bias": ("qkv",),
+        "head_dim * heads == hidden": (True,)}, _qwen2_config),
 }
 ARCH_ALIASES = {"gpt2": "gpt2", "gpt2lmheadmodel": "gpt2",
-                "llama": "llama", "llamaforcausallm": "llama"}
+                "llama": "llama", "llamaforcausallm": "llama",
+                "qwen2": "qwen2", "qwen2forcausallm": "qwen2"}
 
 
 def _family(s: _Spec, arch: Optional[str], where: Path) -> Family:
@@ -649,7 +667,7 @@ def _family(s: _Spec, arch: Optional[str], where: Path) -> Family:
         f = s.features()
         llama = f["norm"] == "RMSNorm" or f["mlp"] == "swiglu" or f["position"] == "rope" \
             or f["query groups"]
-        key = "llama" if llama else "gpt2"
+        key = ("qwen2" if s.bias == "qkv" else "llama") if llama else "gpt2"
     elif arch.lower() in ARCH_ALIASES:
         key = ARCH_ALIASES[arch.lower()]
     else:
@@ -661,8 +679,8 @@ def _family(s: _Spec, arch: Optional[str], where: Path) -> Family:
     if bad:
         raise CheckpointError(f"{where}: the stored args and tensors ({', '.join(bad)}) do not fit "
                               f"{family.architecture}; pass --arch "
-                              f"{'llama' if key == 'gpt2' else 'gpt2'} if that one fits, else the "
-                              "model has no HF equivalent dsinfer writes")
+                              f"{' or '.join(k for k in FAMILIES if k != key)} if one fits, else "
+                              "the model has no HF equivalent dsinfer writes")
     return family
 
 

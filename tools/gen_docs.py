@@ -177,7 +177,8 @@ READER_NOTES = {
     "megatron": "Megatron-LM legacy and megatron-core GPT checkpoints, any TP x PP, and "
                 "Megatron-DeepSpeed saves without pipeline stages (`latest` + "
                 "`global_stepN/mp_rank_XX_model_states.pt`); the family is detected from the "
-                "args (RMSNorm / SwiGLU / RoPE: Llama) or `--arch`",
+                "args (RMSNorm / SwiGLU / RoPE: Llama; with biases on Q, K, V only: Qwen2) or "
+                "`--arch`",
     "ds_inference": "DeepSpeed-Inference `save_mp_checkpoint_path` folders "
                     "(`ds_inference_config.json`, kernel-injected names)",
     "descriptor": "the DeepSpeed tutorial's `checkpoint.json`; the cell names the `\"type\"` "

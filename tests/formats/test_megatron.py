@@ -159,6 +159,9 @@ MODELS = {
                                 num_key_value_heads=8)),
     "llama_bias": ("llama", dict(vocab_size=VOCAB, num_hidden_layers=2, intermediate_size=96,
                                  num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    # --add-qkv-bias --disable-bias-linear: Qwen2
+    "qwen2": ("qwen2", dict(vocab_size=VOCAB, num_hidden_layers=2, intermediate_size=96,
+                            num_key_value_heads=2)),
 }
 
 
@@ -200,6 +203,8 @@ CASES = [
     case("llama_kv2", 2, 3.0, "new", pp=3),
     case("llama_mha", 4, 2.0, "new"),
     case("llama_bias", 2, 3.0, "mcore"),
+    case("qwen2", 2, 3.0, "mcore"),
+    case("qwen2", 2, 3.0, "new", pp=2),
 ]
 
 

@@ -44,7 +44,8 @@ def _hf_geometry(cfg: dict) -> dict:
     return dict(llama=True, hidden=h, heads=nh, groups=cfg.get("num_key_value_heads") or nh,
                 hn=cfg.get("head_dim") or h // nh, layers=cfg["num_hidden_layers"],
                 ffn=cfg["intermediate_size"], eps=cfg["rms_norm_eps"],
-                max_pos=cfg["max_position_embeddings"], bias=bool(cfg.get("attention_bias")))
+                max_pos=cfg["max_position_embeddings"],
+                bias="qkv" if cfg["model_type"] == "qwen2" else bool(cfg.get("attention_bias")))
 
 
 def _global_layer(sd: Dict[str, torch.Tensor], i: int, g: dict) -> Dict[str, torch.Tensor]:
@@ -76,6 +77,8 @@ def _global_layer(sd: Dict[str, torch.Tensor], i: int, g: dict) -> Dict[str, tor
         out["qkv." + part] = torch.cat([q.reshape(g["groups"], hpg, g["hn"], *rest),
                                         k.reshape(g["groups"], 1, g["hn"], *rest),
                                         v.reshape(g["groups"], 1, g["hn"], *rest)], 1)
+        if part == "bias" and g["bias"] == "qkv":      # Qwen2: no other linear has a bias
+            continue
         out["proj." + part] = sd[p + "self_attn.o_proj." + part]
         out["fc1." + part] = {"gate": sd[p + "mlp.gate_proj." + part],
                               "up": sd[p + "mlp.up_proj." + part]}
@@ -139,7 +142,7 @@ def make_args(cfg: dict, g: dict, *, tp: int, pp: int, names: str, padded: int, 
                  num_query_groups=g["groups"] if g["groups"] != g["heads"] else 1,
                  normalization="RMSNorm" if llama else "LayerNorm", swiglu=llama,
                  position_embedding_type="rope" if llama else "learned_absolute",
-                 add_bias_linear=g["bias"], add_qkv_bias=g["bias"],
+                 add_bias_linear=g["bias"] is True, add_qkv_bias=bool(g["bias"]),
                  untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", True),
                  rotary_base=int(_rope_theta(cfg)) if llama else 10000, rotary_percent=1.0,
                  rotary_interleaved=False, virtual_pipeline_model_parallel_size=None,
