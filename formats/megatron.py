@@ -745,6 +745,9 @@ def sniff(path: Path) -> bool:
         return True
     if any(RANK_DIR.fullmatch(c.name) and c.is_dir() for c in children):
         return True
+    from . import megatron_dist  # megatron_dist imports this module
+    if megatron_dist.is_dist_folder(path):  # an iter folder of a torch_dist save
+        return True
     # a Megatron-DeepSpeed tag folder: DeepSpeed rank files whose saved args are Megatron's
     return (DS_STEP_DIR.fullmatch(path.name) is not None
             and (path.parent / TRACKER).is_file()
@@ -754,6 +757,9 @@ def sniff(path: Path) -> bool:
 def read(path: Path, options: ReadOptions) -> Checkpoint:
     """Read a Megatron-LM legacy checkpoint folder (save folder, iter_XXXXXXX or release)."""
     folder, iteration = _locate(Path(path))
+    from . import megatron_dist
+    if megatron_dist.is_dist_folder(folder):  # --ckpt-format torch_dist
+        return megatron_dist.read_folder(folder, options, iteration)
     stages = _open_folder(folder, _Pool())
     return _build(stages, options, iteration, default_version=None)
 
@@ -780,14 +786,16 @@ def read_descriptor(desc: dict, base: Path, options: ReadOptions) -> Checkpoint:
 
 
 def _build(stages: List[List[_RankFile]], options: ReadOptions, iteration,
-           default_version) -> Checkpoint:
+           default_version, source: Optional[dict] = None) -> Checkpoint:
+    """`source` given (megatron_dist): one already merged "rank file", not checked against the
+    TP x PP of the args."""
     first = stages[0][0]
     args = first.args
     _check_args(args, first.path)
     tp, pp = len(stages[0]), len(stages)
     want = (_arg(args, "tensor_model_parallel_size", tp),
             _arg(args, "pipeline_model_parallel_size", pp))
-    if want != (tp, pp):
+    if source is None and want != (tp, pp):
         raise CheckpointError(f"{first.path}: its args say TP {want[0]} x PP {want[1]} but {tp} x "
                               f"{pp} rank files were given; list every rank's file in rank order")
     version = _version(stages, default_version)
@@ -797,7 +805,7 @@ def _build(stages: List[List[_RankFile]], options: ReadOptions, iteration,
     if spec.tied:
         roles.pop("head.weight", None)  # the last stage's copy of the embedding (PP > 1)
     family = _family(spec, options.arch, first.path)
-    source = {"format": "megatron", "tp_size": tp, "pp_size": pp,
+    source = {**(source or {"format": "megatron", "tp_size": tp, "pp_size": pp}),
               "checkpoint_version": version, "iteration": iteration}
     return Checkpoint(format="megatron", config=family.config(spec),
                       tensors=_refs(roles, spec, family), extra_files={}, source=source)

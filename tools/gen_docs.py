@@ -178,12 +178,32 @@ READER_NOTES = {
                 "Megatron-DeepSpeed saves without pipeline stages (`latest` + "
                 "`global_stepN/mp_rank_XX_model_states.pt`); the family is detected from the "
                 "args (RMSNorm / SwiGLU / RoPE: Llama; with biases on Q, K, V only: Qwen2) or "
-                "`--arch`",
+                "`--arch`. Both on-disk layouts (below)",
     "ds_inference": "DeepSpeed-Inference `save_mp_checkpoint_path` folders "
                     "(`ds_inference_config.json`, kernel-injected names)",
     "descriptor": "the DeepSpeed tutorial's `checkpoint.json`; the cell names the `\"type\"` "
                   "values that can describe the architecture",
 }
+
+# formats/megatron.py (legacy) and formats/megatron_dist.py (torch_dist); one `megatron` reader
+MEGATRON_LAYOUTS = [
+    "| `--ckpt-format` | on disk (`ROOT/latest_checkpointed_iteration.txt`, `iter_XXXXXXX/` or "
+    "`release/`) | read |",
+    "|---|---|---|",
+    "| `torch` (legacy) | `mp_rank_XX[_YYY]/model_optim_rng.pt`, one pickle per TP x PP rank | "
+    "per tensor, the TP pieces of every rank merged |",
+    "| `torch_dist` (megatron-core's default) | `metadata.json` (`sharded_backend: torch_dist`), "
+    "DCP's `.metadata`, `__R_S.distcp` data files; args in the `common_state` entry (older: "
+    "`common.pt`) | global (TP- and PP-merged) tensors, per-layer ones stacked on a leading "
+    "layer axis: each canonical tensor reads only the chunks of its layer. Optimizer, RNG and "
+    "`_extra_state` entries are skipped; `.metadata` is unpickled through an allowlist of "
+    "DCP's metadata classes |",
+    "",
+    "Refused with one line each: `torch_dcp` / `fsdp_dtensor` saves (DCP without "
+    "`metadata.json`) and other `sharded_backend`s (convert them with Megatron-LM: "
+    "`--ckpt-convert-format torch_dist`), and in either layout MoE or other layers that no HF "
+    "family here expresses.",
+]
 
 
 def _rule_split(rule) -> str:
@@ -267,6 +287,7 @@ def architectures_page() -> str:
         out.append("| " + " | ".join(row) + " |")
     out += ["", "Source formats:", ""]
     out += [f"- `{f}`: {READER_NOTES.get(f, '')}" for f in READERS]
+    out += ["", "### Megatron checkpoint layouts", ""] + MEGATRON_LAYOUTS
     out += ["", "## TP plans", "",
             "Rules are matched in order against canonical (HF) parameter names; a rule names a "
             "module and covers its `.weight` and `.bias`. Styles: `colwise` splits output "
