@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
 from dsinfer.formats import CheckpointError, ReadOptions, megatron
 from dsinfer.formats.safe_pickle import load_pt
 from helpers import hf_models
+from helpers.checkpoints import hf_model, logits
+from helpers.checkpoints import load_tensors as tensors
 from helpers.megatron_writer import write_megatron
 
 MEGATRON = FIXTURES / "megatron"
@@ -23,30 +24,6 @@ ITER = "iter_0000001"
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-def tensors(ckpt) -> dict:
-    out = {}
-    for ref in ckpt.tensors:
-        t = ref.load()
-        assert tuple(t.shape) == ref.shape and t.dtype == ref.dtype, ref.name
-        out[ref.name] = t
-    return out
-
-
-def hf_model(config: dict, state: dict):
-    """The HF model `config` describes, fp32, with `state` loaded strictly (tied lm_head aside)."""
-    cfg = transformers.AutoConfig.for_model(**config)
-    model = getattr(transformers, cfg.architectures[0])(cfg).float().eval()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert unexpected == []
-    assert set(missing) <= ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
-    return model
-
-
-def logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
 
 # ---- real megatron-core checkpoints ---------------------------------------------------------
 

@@ -21,6 +21,8 @@ from conftest import FIXTURES
 from dsinfer.formats.safe_pickle import InertObject
 from dsinfer.formats import (CheckpointError, ReadOptions, UnsafePickleError, detect, megatron,
                              megatron_dist, open_checkpoint)
+from helpers.checkpoints import hf_model, logits
+from helpers.checkpoints import load_tensors as load_all
 
 DIST, LEGACY = FIXTURES / "megatron_dist", FIXTURES / "megatron"
 ITER = "iter_0000001"
@@ -28,23 +30,8 @@ ITER = "iter_0000001"
 NAMES = ["gpt2_tp2", "llama_tp2", "llama_tp1", "gpt2_tp1_pp2", "llama_tp2_pp2", "llama_bf16_tp2"]
 
 
-def load_all(ckpt) -> dict:
-    out = {}
-    for ref in ckpt.tensors:
-        t = ref.load()
-        assert tuple(t.shape) == ref.shape and t.dtype == ref.dtype, ref.name
-        out[ref.name] = t
-    return out
-
-
 def hf_logits(config: dict, state: dict, ids) -> torch.Tensor:
-    cfg = transformers.AutoConfig.for_model(**config)
-    model = getattr(transformers, cfg.architectures[0])(cfg).float().eval()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert unexpected == []
-    assert set(missing) <= ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+    return logits(hf_model(config, state), ids)
 
 
 def copy_fixture(tmp_path, name="llama_tp2") -> Path:
