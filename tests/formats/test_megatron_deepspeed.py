@@ -19,14 +19,11 @@ from dsinfer.formats import CheckpointError, ReadOptions, deepspeed, detect, meg
 from dsinfer.formats import open_checkpoint
 from dsinfer.formats.safe_pickle import load_pt
 from helpers import hf_models
+from helpers.checkpoints import load_tensors as tensors
 from helpers.megatron_writer import write_megatron
 
 MEGATRON = FIXTURES / "megatron"
 VOCAB = 100
-
-
-def tensors(ckpt) -> dict:
-    return {ref.name: ref.load() for ref in ckpt.tensors}
 
 
 def _deepspeed_state(state: dict, tp: int, step: int) -> dict:
