@@ -15,6 +15,7 @@ import pickle
 import pickletools
 import re
 import signal
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Set
@@ -70,6 +71,51 @@ def stand_in(qualified: str) -> type:
     return _stand_ins[qualified]
 
 
+_MARK = object()                                   # a MARK on the simulated stack
+_MEMO_STORES = ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT")   # leave the stack as it is
+_MEMO_LOADS = ("GET", "BINGET", "LONG_BINGET")
+
+
+def _pickle_globals(ops, found: Set[str]) -> None:
+    """Adds the `module.name` of every GLOBAL / STACK_GLOBAL in one pickle's opcodes. Protocol
+    4+ pushes STACK_GLOBAL's two strings by value or from the memo (a module name used twice
+    is stored once and fetched with BINGET), so the stack and the memo are simulated with
+    pickletools' per-opcode stack effects: strings as themselves, everything else as None."""
+    stack: list = []
+    memo: Dict[Any, Any] = {}
+    for op, arg, _pos in ops:
+        name = op.name
+        if name in _MEMO_STORES:
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else None
+            continue
+        if name == "GLOBAL":
+            found.add(arg.replace(" ", "."))
+        elif name == "STACK_GLOBAL" and len(stack) >= 2:
+            module, attr = stack[-2], stack[-1]
+            if isinstance(module, str) and isinstance(attr, str):
+                found.add(f"{module}.{attr}")
+            else:                              # names built some other way: not readable here
+                raise ValueError(f"STACK_GLOBAL at byte {_pos} without literal names")
+        before = op.stack_before
+        if pickletools.markobject in before:   # pops the slice above the mark, the mark, and
+            while stack and stack[-1] is not _MARK:  # the items listed below it
+                stack.pop()
+            if stack:
+                stack.pop()
+            below = before.index(pickletools.markobject)
+        else:
+            below = len(before)
+        del stack[max(0, len(stack) - below):]
+        if name in _MEMO_LOADS:
+            stack.append(memo.get(arg))
+            continue
+        for item in op.stack_after:
+            if item is pickletools.markobject:
+                stack.append(_MARK)
+            else:
+                stack.append(arg if isinstance(arg, str) and name != "GLOBAL" else None)
+
+
 def _globals_in(path: Path) -> Set[str]:
     """Every `module.name` the pickle references, found by disassembling it (nothing runs).
     Zip checkpoints keep the pickle in `*/data.pkl`; the legacy format is five pickles in a
@@ -85,14 +131,7 @@ def _globals_in(path: Path) -> Set[str]:
     found: Set[str] = set()
     with streams as f:
         for _ in range(count):
-            strings: list = []
-            for op, arg, _pos in pickletools.genops(f):
-                if op.name == "GLOBAL":
-                    found.add(arg.replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.add(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str):
-                    strings.append(arg)
+            _pickle_globals(pickletools.genops(f), found)
     return found
 
 
@@ -112,6 +151,18 @@ def _allowed_globals(path: Path) -> list:
     return allowed + [stand_in(n) for n in names if n.startswith(INERT_PREFIXES)]
 
 
+def _unsupported_opcode(path: Path, code: int) -> str:
+    """The line for a pickle torch's weights-only unpickler cannot parse: it reads the
+    opcodes of protocol 2 (torch.save's default), and files saved with pickle_protocol=4 or 5
+    start with FRAME."""
+    op = next((o for o in pickletools.opcodes if o.code == chr(code)), None)
+    what = f"opcode {op.name} (pickle protocol {op.proto})" if op else f"opcode {code}"
+    return (f"{path}: cannot be read safely: its pickle uses {what}, which torch's weights-only "
+            "loader (the only one dsinfer uses, so that no code in a checkpoint runs) does not "
+            "read; re-save it with torch.save's default pickle protocol (no pickle_protocol "
+            "argument) or as safetensors")
+
+
 def load_pt(path: Path) -> Any:
     """torch.load(weights_only=True) onto the CPU, memory-mapped when the file allows it."""
     path = Path(path)
@@ -120,9 +171,15 @@ def load_pt(path: Path) -> Any:
     allowed = _allowed_globals(path)
     mmap = zipfile.is_zipfile(path)
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            # torch warns about protocols other than 2 and then fails on FRAME: the line below
+            # (_unsupported_opcode) says it once
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        opcode = re.search(r"Unsupported operand (\d+)", str(e))
+        if opcode:
+            raise CheckpointError(_unsupported_opcode(path, int(opcode.group(1)))) from None
         culprit = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"function (<[^>]*>)", str(e))
         what = f"'{culprit.group(1)}'" if culprit else "an object torch refuses to rebuild"
         raise UnsafePickleError(

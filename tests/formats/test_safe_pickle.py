@@ -62,3 +62,37 @@ def test_legacy_non_zip_and_truncated(tmp_path):
         load_pt(tmp_path / "cut.pt")
     with pytest.raises(CheckpointError, match="missing.pt"):
         load_pt(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_high_protocol_pickle_names_and_line(tmp_path, protocol):
+    """Protocol 4+ pushes STACK_GLOBAL's names by value or from the memo (a module used twice
+    is stored once): the scan reads the real names. torch's weights-only unpickler then stops
+    at FRAME; the error says so and how to re-save, not that the file could run code."""
+    from dsinfer.formats.safe_pickle import _globals_in
+    import collections
+    path = tmp_path / "p.pt"
+    obj = {"a": argparse.Namespace(x=1), "b": argparse.Namespace(y=2),
+           "sd": collections.OrderedDict(w=torch.zeros(2)), "c": collections.OrderedDict()}
+    torch.save(obj, path, pickle_protocol=protocol)
+    assert _globals_in(path) == {"argparse.Namespace", "collections.OrderedDict",
+                                 "torch.FloatStorage", "torch._utils._rebuild_tensor_v2"}
+    with pytest.raises(CheckpointError, match=r"FRAME \(pickle protocol 4\).*re-save it"):
+        load_pt(path)
+
+
+def test_stack_global_scan_follows_the_memo():
+    """A hand-written protocol 4 stream: the second STACK_GLOBAL takes its module from the
+    memo (BINGET) and its name by value; a name that is not a literal string is an error."""
+    import io
+    import pickletools
+    from dsinfer.formats.safe_pickle import _pickle_globals
+    stream = pickle.dumps([argparse.Namespace, argparse.ArgumentParser], protocol=4)
+    ops = [op.name for op, _, _ in pickletools.genops(io.BytesIO(stream))]
+    assert ops.count("STACK_GLOBAL") == 2 and "BINGET" in ops     # the memo is used
+    found = set()
+    _pickle_globals(pickletools.genops(io.BytesIO(stream)), found)
+    assert found == {"argparse.Namespace", "argparse.ArgumentParser"}
+    bad = b"\x80\x04N\x8c\x01x\x93."          # PROTO 4, NONE, 'x', STACK_GLOBAL, STOP
+    with pytest.raises(ValueError, match="without literal names"):
+        _pickle_globals(pickletools.genops(io.BytesIO(bad)), set())

@@ -138,6 +138,17 @@ def truncated_pickle(b: Bench):
 
 
 @case
+def pickle_protocol_4(b: Bench):
+    import torch
+    src = b.copy("gpt2_bin")
+    f = src / "pytorch_model.bin"
+    torch.save(torch.load(f, weights_only=True), f, pickle_protocol=4)
+    return Row("HF pytorch_model.bin saved with pickle_protocol=4", *b.run(
+        "reshard", src, "--tp", 2, "--out", b.dir / "out"),
+        ("pytorch_model.bin", "protocol 4", "re-save"), out=b.dir / "out")
+
+
+@case
 def truncated_megatron_pickle(b: Bench):
     src = b.copy("megatron")
     f = src / ITER / "mp_rank_01" / "model_optim_rng.pt"
