@@ -14,6 +14,9 @@ Run from the repo root: python3 bench/kernels_gpu.py [--quick | --acceptance]
                 (32 weights a graph, as a decode step streams them; the MLP's first projection
                 with its activation): us per call, TB/s, the dispatcher's choice (rule, and
                 the autotuner) beside the best tiles
+    --hints=W,X[:W,X...]  with --fp-gemv: repeat each shape under these (weight, x) load hints
+                (DECODE_PATHS["cache_hints"]: "" / cg / ef / el), e.g. --hints=,:ef,el
+    --tp1       with --fp-gemv: only the TP 1 shapes
 """
 import json
 import math
@@ -303,29 +306,39 @@ def fp_gemv_sweep():
     bw = copy_bw()
     log(f"copy bandwidth (read+write): {bw:.0f} GB/s")
     rows = []
-    for n, k, act in FP_GEMV_SHAPES:
-        for kind in ("fp16", "int8"):
-            if kind == "fp16":
-                ws = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
-                      for _ in range(32)]
-                call = lambda x, w, c: G.gemv(x, w, config=c, act=act)  # noqa: E731
-                tiles, nbytes = FP_GEMV_TILES, 2 * n * k
-            else:
-                ws = [quantize_ref(torch.randn(n, k, device=DEV) * 0.02, n, None)
-                      for _ in range(32)]
-                call = lambda x, w, c: G.int8_linear(x, *w, config=c, act=act)  # noqa: E731
-                tiles, nbytes = GEMV, n * k
-            x = torch.randn(1, k, device=DEV, dtype=torch.float16)
-            res = _time_tiles(n, k, ws, x, call, tiles)
-            top = sorted((v, str(c)) for c, v in res.items() if not isinstance(c, str))[:4]
-            d, a = res.get("rule", float("nan")), res.get("autotune", float("nan"))
-            log(f"{kind} {n:>6}x{k:<6} {act or '':>9} rule {d:6.2f} us ({nbytes/1e6/d:5.2f} "
-                f"TB/s) autotune {a:6.2f} | best " + "; ".join(f"{c} {v:.2f}" for v, c in top))
-            rows.append(dict(kind=kind, n=n, k=k, act=act, copy_GBps=bw,
-                             tiles={str(c): v for c, v in res.items()},
-                             device=torch.cuda.get_device_name()))
-            del ws
-        log(f"   [{time.time() - t0:.0f}s]")
+    hints = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--hints=")), ",")
+    hints = [tuple(h.split(",")) for h in hints.split(":")]
+    shapes = FP_GEMV_SHAPES
+    if "--tp1" in sys.argv:
+        shapes = [s for s in shapes if (s[0], s[1]) in
+                  {(7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240), (12288, 4096),
+                   (4096, 4096), (22016, 4096), (4096, 11008)}]
+    for (n, k, act), kind, hint in ((s, kd, h) for s in shapes for kd in ("fp16", "int8")
+                                    for h in hints):
+        G.DECODE_PATHS["cache_hints"] = hint
+        if kind == "fp16":
+            ws = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02
+                  for _ in range(32)]
+            call = lambda x, w, c: G.gemv(x, w, config=c, act=act)  # noqa: E731
+            tiles, nbytes = FP_GEMV_TILES, 2 * n * k
+        else:
+            ws = [quantize_ref(torch.randn(n, k, device=DEV) * 0.02, n, None)
+                  for _ in range(32)]
+            call = lambda x, w, c: G.int8_linear(x, *w, config=c, act=act)  # noqa: E731
+            tiles, nbytes = GEMV, n * k
+        x = torch.randn(1, k, device=DEV, dtype=torch.float16)
+        res = _time_tiles(n, k, ws, x, call, tiles)
+        top = sorted((v, str(c)) for c, v in res.items() if not isinstance(c, str))[:4]
+        d, a = res.get("rule", float("nan")), res.get("autotune", float("nan"))
+        log(f"{kind} {n:>6}x{k:<6} {act or '':>9} hints {','.join(hint):>5} rule {d:6.2f} us "
+            f"({nbytes/1e6/d:5.2f} TB/s) autotune {a:6.2f} | best "
+            + "; ".join(f"{c} {v:.2f}" for v, c in top))
+        rows.append(dict(kind=kind, n=n, k=k, act=act, copy_GBps=bw, hints=hint,
+                         tiles={str(c): v for c, v in res.items()},
+                         device=torch.cuda.get_device_name()))
+        del ws
+    G.DECODE_PATHS["cache_hints"] = ("", "")
+    log(f"   [{time.time() - t0:.0f}s]")
     with open(os.path.join(OUT, "fp_gemv_sweep.json"), "w") as f:
         json.dump(rows, f)
     with open(os.path.join(OUT, "fp_gemv_sweep.txt"), "w") as f:

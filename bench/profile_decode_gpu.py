@@ -163,6 +163,8 @@ def ab_paths(model, dec, args, a, tag) -> int:
     table = G.DECODE_PATHS
     if a.ab in ("act_epilogue", "balanced_rows"):
         key, settings = a.ab, (True, False)
+    elif a.ab == "cache_hints":              # (weight, x) load hints; the default again last
+        key, settings = a.ab, ("rule", ("", ""), "rule", ("", ""))
     elif a.ab == "m1_tile":
         key, settings = a.ab, ("rule", "autotune")
     elif a.ab == "head_in_step":
@@ -268,14 +270,15 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--ab", nargs="?", const="path",
                    choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl",
-                            "m1_tile", "head_in_step"],
+                            "m1_tile", "head_in_step", "cache_hints"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
                         "epilogue or after it, 'balanced_rows' GEMV tiles chosen to spread "
                         "evenly over the SMs or not, 'lookahead' guessed decode steps on or off, "
                         "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner, "
-                        "'head_in_step' the LM head outside the decode graph or inside it")
+                        "'head_in_step' the LM head outside the decode graph or inside it, "
+                        "'cache_hints' the GEMVs' load hints by rule or none (twice each)")
     p.add_argument("--prefill", type=int, default=0, metavar="N",
                    help="instead of decode: one forward over an N-token prompt (batch 1), its "
                         "device time, host time and kernel table")
