@@ -17,6 +17,7 @@ Run from the repo root: python3 bench/kernels_gpu.py [--quick | --acceptance]
     --hints=W,X[:W,X...]  with --fp-gemv: repeat each shape under these (weight, x) load hints
                 (DECODE_PATHS["cache_hints"]: "" / cg / ef / el), e.g. --hints=,:ef,el
     --tp1       with --fp-gemv: only the TP 1 shapes
+    --int8-only with --fp-gemv: only the int8 GEMVs
 """
 import json
 import math
@@ -146,7 +147,9 @@ def cublas_us(n, k, m, dtype=torch.float16):
     return t
 
 
-GEMV = list(G._W8_GEMV_TILES) + [(8, 512, 4, True), (32, 512, 8, False), (8, 2048, 8, False)]
+GEMV = list(G._W8_GEMV_TILES) + [(8, 512, 4, True), (32, 512, 8, False), (8, 2048, 8, False),
+                                 (2, 2048, 8, False), (2, 1024, 4, False), (2, 4096, 16, False),
+                                 (1, 2048, 8, False), (1, 1024, 4, False), (4, 4096, 16, False)]
 DOT1 = [(16, 32, 512, False, 4, 3), (16, 16, 1024, False, 4, 2), (16, 32, 256, False, 4, 4),
         (16, 32, 128, False, 4, 6), (16, 64, 128, False, 4, 5)]
 DOTS = DOT1 + [(16, 16, 512, False, 4, 3), (16, 64, 256, False, 4, 4), (16, 128, 128, False, 4, 4),
@@ -313,8 +316,8 @@ def fp_gemv_sweep():
         shapes = [s for s in shapes if (s[0], s[1]) in
                   {(7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240), (12288, 4096),
                    (4096, 4096), (22016, 4096), (4096, 11008)}]
-    for (n, k, act), kind, hint in ((s, kd, h) for s in shapes for kd in ("fp16", "int8")
-                                    for h in hints):
+    kinds = ("int8",) if "--int8-only" in sys.argv else ("fp16", "int8")
+    for (n, k, act), kind, hint in ((s, kd, h) for s in shapes for kd in kinds for h in hints):
         G.DECODE_PATHS["cache_hints"] = hint
         if kind == "fp16":
             ws = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02

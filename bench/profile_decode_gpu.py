@@ -163,8 +163,11 @@ def ab_paths(model, dec, args, a, tag) -> int:
     table = G.DECODE_PATHS
     if a.ab in ("act_epilogue", "balanced_rows"):
         key, settings = a.ab, (True, False)
-    elif a.ab == "cache_hints":              # (weight, x) load hints; the default again last
-        key, settings = a.ab, ("rule", ("", ""), "rule", ("", ""))
+    elif a.ab == "cache_hints":              # (weight, x) load hints, twice each
+        key, settings = a.ab, (("", ""), ("ef", "el"), ("", ""), ("ef", "el"))
+    elif a.ab == "w8_tile":                  # the int8 one-row tile rule: this tree's, then
+        table, key = G._M1_RULES, "w8_gemv"  # session 9's 4-row rule, twice each
+        settings = (G._w8_gemv_m1_tile, _w8_rule_4row, G._w8_gemv_m1_tile, _w8_rule_4row)
     elif a.ab == "m1_tile":
         key, settings = a.ab, ("rule", "autotune")
     elif a.ab == "head_in_step":
@@ -183,12 +186,20 @@ def ab_paths(model, dec, args, a, tag) -> int:
         with torch.inference_mode():
             toks = D.generate(model, ids, 32)
         first = toks if first is None else first
-        record(what="ab", setting=key, path=path, default=path == default,
+        record(what="ab", setting=key, path=getattr(path, "__name__", path),
+               default=path == default,
                ms_per_token=gen["ms_per_token"],
                graph_ms=round(events_ms(g.graph.replay, a.steps), 3),
                tokens_as_first=bool(torch.equal(toks, first)), **tag)
     table[key] = default
     return 0
+
+
+def _w8_rule_4row(N: int, K: int) -> tuple:
+    """The int8 one-row GEMV tile rule of sessions 6-9 (4-row programs), for --ab w8_tile."""
+    if K >= 6144 or (K >= 4096 and N <= 12288):
+        return (4, 2048, 8, False)
+    return (4, 1024, 4, False)
 
 
 def ab_pdl(model, dec, args, a, tag) -> int:
@@ -270,7 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--ab", nargs="?", const="path",
                    choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl",
-                            "m1_tile", "head_in_step", "cache_hints"],
+                            "m1_tile", "head_in_step", "cache_hints", "w8_tile"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
@@ -278,7 +289,9 @@ def main(argv=None) -> int:
                         "evenly over the SMs or not, 'lookahead' guessed decode steps on or off, "
                         "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner, "
                         "'head_in_step' the LM head outside the decode graph or inside it, "
-                        "'cache_hints' the GEMVs' load hints by rule or none (twice each)")
+                        "'cache_hints' the GEMVs' load hints (none / weights evict-first + x "
+                        "evict-last), 'w8_tile' the int8 one-row tile rule (2-row / session "
+                        "9's 4-row), twice each")
     p.add_argument("--prefill", type=int, default=0, metavar="N",
                    help="instead of decode: one forward over an N-token prompt (batch 1), its "
                         "device time, host time and kernel table")

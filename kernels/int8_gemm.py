@@ -127,9 +127,13 @@ def _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0, K, stride_sc,
 
 @triton.jit
 def _hinted_load(ptrs, mask, other, HINT: tl.constexpr):
-    # A load with a cache hint (DECODE_PATHS["cache_hints"]): "" none, "cg" cache in L2
-    # only (not L1), "ef" / "el" evict first / last. The GEMVs stream each weight byte once
-    # while every program re-reads the same x: L1 kept for x is L2 traffic saved.
+    # A load with a cache hint (DECODE_PATHS["cache_hints"], for benchmarks): "" none, "cg"
+    # cache in L2 only (not L1), "ef" / "el" evict first / last. The GEMVs stream each weight
+    # byte once while every program re-reads the same x. Measured on an H200 (session 10,
+    # kernels_gpu.py --fp-gemv --hints): weights evict-first + x evict-last cut the 4-row int8
+    # GEMVs at K <= 4096 by 4-16% (12288x4096 17.15 -> 16.12 us) but slowed 4096x11008 (17.01
+    # -> 18.67); the 2-row tiles that replaced them lost 1-3% with the hints; fp16 GEMVs moved
+    # under 1%. Off by default.
     if HINT == "cg":
         return tl.load(ptrs, mask=mask, other=other, cache_modifier=".cg")
     elif HINT == "ef":
@@ -669,29 +673,19 @@ def _gemv_m1_tile(N: int, K: int) -> tuple:
 
 
 def _w8_gemv_m1_tile(N: int, K: int) -> tuple:
-    """The _w8_gemv_kernel tile (per-channel or row-group scales): 4 rows, 2048-wide K-tiles
-    over 8 warps for the long rows of K >= 4096 (but the 22016-row packed gate|up, where 1024
-    over 4 warps measured 27.4 vs 29.1 us), 1024 over 4 warps below."""
-    if K >= 6144 or (K >= 4096 and N <= 12288):
-        return (4, 2048, 8, False)
-    return (4, 1024, 4, False)
+    """The _w8_gemv_kernel tile (per-channel or row-group scales): 2-row programs with
+    1024-wide K-tiles over 4 warps; 2048-wide over 8 warps for long rows feeding few outputs
+    (N <= 3072, K >= 8192: GPT-Neo-2.7B's fc_out). Twice the programs of the 4-row tiles
+    (session 6's rule) and each one's weight strip half as long: measured on an H200
+    (kernels_gpu.py --fp-gemv --int8-only, us a call, 4-row rule -> this): 12288x4096
+    17.31 -> 15.29, 4096x4096 7.23 -> 6.35, 22016x4096 silu_gate 27.75 -> 26.12, 4096x11008
+    17.20 -> 14.20, 2560x10240 12.94 -> 10.15, 7680x2560 9.35 -> 8.87."""
+    if N <= 3072 and K >= 8192:
+        return (2, 2048, 8, False)
+    return (2, 1024, 4, False)
 
 
 _M1_RULES = {"gemv": _gemv_m1_tile, "w8_gemv": _w8_gemv_m1_tile}   # kind -> rule
-
-
-def _gemv_hints(kind: str, M: int, K: int, col_group: int) -> tuple:
-    """(weight, x) load hints of a GEMV (_hinted_load): the one-row int8 GEMV at K <= 4096
-    (per-row scales or row groups: the shapes measured) streams its weights evict-first and keeps x evict-last. Each program re-reads all of x
-    (8 KB at K = 4096, half the bytes of its 4-row int8 weight strip) while the weights pass
-    once; the hints keep x in L1 for the programs that share an SM. Measured on an H200
-    (kernels_gpu.py --fp-gemv --hints, 32 weights a graph, us a call, default -> hints):
-    12288x4096 17.15 -> 16.12, 4096x4096 7.17 -> 6.59, 22016x4096 silu_gate 27.46 -> 26.15,
-    10240x2560 gelu 13.39 -> 11.19, but 4096x11008 17.01 -> 18.67 (so not at longer K);
-    fp16 GEMVs moved by under 1% either way and keep the defaults."""
-    if kind == "w8_gemv" and M == 1 and K <= 4096 and not col_group:
-        return ("ef", "el")
-    return ("", "")
 
 
 def _rule_tile(kind: str, M: int, N: int, K: int, col_group: int):
@@ -723,8 +717,7 @@ DECODE_PATHS = {"fp_m_le_4": "triton",    # fp16/bf16 weights, rows <= GEMV_MAX_
                                           # ms/token before the one-row rule below)
                 "m1_tile": "rule",        # GEMV tiles at M = 1: _gemv_m1_tile and
                                           # _w8_gemv_m1_tile | "autotune"
-                "cache_hints": "rule"}    # the GEMVs' (weight, x) load hints (_hinted_load):
-                                          # _gemv_hints, or a (weight, x) pair for all
+                "cache_hints": ("", "")}  # the GEMVs' (weight, x) load hints (_hinted_load)
 
 
 def _kind(M: int, quant: bool, config=None, path=None) -> str:
@@ -759,7 +752,6 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
             N // s.shape[0] if s is not None else 1, triton.next_power_of_2(M))
     if kind != "dot" and not interp:
         hints = DECODE_PATHS["cache_hints"]
-        hints = _gemv_hints(kind, M, K, col_group) if hints == "rule" else hints
         pdl_flags.update(W_HINT=hints[0], X_HINT=hints[1])
     if kind == "w8_gemv":
         flags = dict(COL_GROUP=col_group, HAS_BIAS=bias is not None,
