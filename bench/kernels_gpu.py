@@ -149,7 +149,10 @@ def cublas_us(n, k, m, dtype=torch.float16):
 
 GEMV = list(G._W8_GEMV_TILES) + [(8, 512, 4, True), (32, 512, 8, False), (8, 2048, 8, False),
                                  (2, 2048, 8, False), (2, 1024, 4, False), (2, 4096, 16, False),
-                                 (1, 2048, 8, False), (1, 1024, 4, False), (4, 4096, 16, False)]
+                                 (1, 2048, 8, False), (1, 1024, 4, False), (4, 4096, 16, False),
+                                 (2, 512, 2, False), (2, 512, 4, False), (2, 1024, 2, False),
+                                 (2, 1024, 8, False), (2, 2048, 4, False), (1, 512, 2, False),
+                                 (1, 1024, 2, False), (2, 1024, 4, True)]
 DOT1 = [(16, 32, 512, False, 4, 3), (16, 16, 1024, False, 4, 2), (16, 32, 256, False, 4, 4),
         (16, 32, 128, False, 4, 6), (16, 64, 128, False, 4, 5)]
 DOTS = DOT1 + [(16, 16, 512, False, 4, 3), (16, 64, 256, False, 4, 4), (16, 128, 128, False, 4, 4),
