@@ -85,7 +85,7 @@ GEOMETRIES = [(32, 64, 1, None), (32, 64, 4, 32), (32, 64, 32, None), (32, 64, 2
 TILES = [(16, 16, 32, True, 1, 1), (32, 16, 16, False, 1, 1), (8, 64, 1, False, False),
          (8, 64, 1, True, True), (4, 16, 1, True, False), (16, 16, 1, False, True),
          (16, 128, 1, True, True), (8, 64, 1, False), (16, 16, 1, True), (4, 128, 1, False),
-         (32, 32, 1, True)]
+         (32, 32, 1, True), (2, 32, 1, False)]
 
 
 def fenced(t: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,10 @@ EPILOGUE_ACTS = ["silu_gate", "gelu_tanh", "gelu", "relu"]
 @pytest.mark.parametrize("act", EPILOGUE_ACTS)
 @pytest.mark.parametrize("m", [1, 3])      # 1: the int8 GEMV's epilogue; 3: tl.dot, then the act
 @pytest.mark.parametrize("geometry", [(48, 64, 48, None), (48, 64, 6, 32), (44, 64, 1, None)])
-@pytest.mark.parametrize("tile", [None, (8, 64, 1, False), (4, 16, 1, True, False)])
+# (2, 32, 1, False): the 2-row int8 programs of _w8_gemv_m1_tile (one gate and one up row
+# for silu_gate)
+@pytest.mark.parametrize("tile", [None, (8, 64, 1, False), (2, 32, 1, False),
+                                  (4, 16, 1, True, False)])
 def test_int8_linear_act_epilogue(act, m, geometry, tile, gen):
     """act in the GEMV epilogue equals the GEMM then the activation; "silu_gate" pairs each
     gate row with the up row N / 2 further on (ragged halves: N = 44, 22 outputs)."""
