@@ -28,7 +28,7 @@ import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,19 +59,23 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     path = Path(path)
     folder = path.parent if path.is_file() else path
     tag_dir = _tag_folder(folder)
-    if _megatron_args(tag_dir):     # Megatron-DeepSpeed: Megatron's model dict inside
-        from . import megatron
+    loaded = _rank0_states(tag_dir)
+    if any(_megatron_args(sd) for sd in loaded.values()):  # Megatron-DeepSpeed: Megatron's
+        from . import megatron                              # model dict inside
         return megatron.read(tag_dir, options)
-    return _read_tag(tag_dir, [tag_dir, tag_dir.parent, folder, folder.parent])
+    return _read_tag(tag_dir, [tag_dir, tag_dir.parent, folder, folder.parent], loaded)
 
 
-def _megatron_args(tag_dir: Path) -> bool:
-    """Whether the tag's rank-0 model states carry Megatron's training args (Megatron-DeepSpeed
-    saves them as client state; an HF model trained with DeepSpeed does not)."""
+def _rank0_states(tag_dir: Path) -> Dict[Path, Any]:
+    """{path: unpickled} of the tag's first mp_rank_XX_model_states.pt ({} without one): read
+    once, for the Megatron check and then the reader."""
     files = sorted(p for p in tag_dir.iterdir() if MODEL_FILE.fullmatch(p.name))
-    if not files:
-        return False
-    state = load_pt(files[0])
+    return {files[0]: load_pt(files[0])} if files else {}
+
+
+def _megatron_args(state: Any) -> bool:
+    """Whether model states carry Megatron's training args (Megatron-DeepSpeed saves them as
+    client state; an HF model trained with DeepSpeed does not)."""
     args = state.get("args") if isinstance(state, dict) else None
     return all(hasattr(args, a) for a in ("num_layers", "hidden_size", "num_attention_heads"))
 
@@ -189,8 +193,8 @@ class _Meta:
     sd: dict
 
 
-def _load_states(path: Path) -> dict:
-    sd = load_pt(path)
+def _load_states(path: Path, loaded: Optional[Dict[Path, Any]] = None) -> dict:
+    sd = loaded[path] if loaded and path in loaded else load_pt(path)
     if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
         raise CheckpointError(f"{path}: not a DeepSpeed model-states file (no 'module' state "
                               "dict); point dsinfer at the save folder holding 'latest'")
@@ -199,8 +203,8 @@ def _load_states(path: Path) -> dict:
     return sd
 
 
-def _meta(paths: List[Path]) -> _Meta:
-    sds = [_load_states(p) for p in paths]
+def _meta(paths: List[Path], loaded: Optional[Dict[Path, Any]] = None) -> _Meta:
+    sds = [_load_states(p, loaded) for p in paths]
     sd = sds[0]
     # a model wrapped in another module saves every name with a `module.` prefix
     wrapped = bool(sd["module"]) and all(k.startswith("module.") for k in sd["module"])
@@ -233,9 +237,11 @@ def _stage(meta: _Meta, optim: Optional[dict]) -> int:
 
 # ---- assembling the checkpoint ---------------------------------------------------------------
 
-def _read_tag(tag_dir: Path, config_dirs: List[Path]) -> Checkpoint:
+def _read_tag(tag_dir: Path, config_dirs: List[Path],
+              loaded: Optional[Dict[Path, Any]] = None) -> Checkpoint:
+    """loaded: model-states files already unpickled ({path: object}), not read again."""
     model_files = _model_states_files(tag_dir)
-    meta = _meta(model_files)
+    meta = _meta(model_files, loaded)
     optim_files = _rank_files(tag_dir, "optim", meta.sd.get("dp_world_size"))
     if ZERO_FILE.fullmatch(model_files[0].name):  # ZeRO-3: one model-states file per rank too
         _rank_files(tag_dir, "model", len(optim_files))

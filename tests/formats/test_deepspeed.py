@@ -75,6 +75,16 @@ def test_training_checkpoint_folder(name):
 
 
 @pytest.mark.parametrize("name", TRAINING)
+def test_each_model_states_pickle_is_read_once(name, monkeypatch):
+    """The Megatron-DeepSpeed check and the reader share rank 0's unpickled model states."""
+    seen = []
+    real = deepspeed.load_pt
+    monkeypatch.setattr(deepspeed, "load_pt", lambda p: seen.append(Path(p).name) or real(p))
+    _assert_matches(open_checkpoint(FIXTURES / name, "deepspeed"), _reference(FIXTURES / name))
+    assert len(seen) == len(set(seen)), seen
+
+
+@pytest.mark.parametrize("name", TRAINING)
 def test_training_checkpoint_tag_folder_and_file(name):
     tag = FIXTURES / name / "global_step1"
     states = sorted(tag.glob("*model_states.pt"))[0]
