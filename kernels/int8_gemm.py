@@ -248,8 +248,8 @@ def _w8_gemv_kernel(
         for k0 in range(BLOCK_K, K, BLOCK_K):
             w_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk
-            w_next, x_next = _w8_gemv_load(w_ptrs, x_ptrs, n_mask, kk, K, k0, not EVEN_K, W_HINT,
-                                 X_HINT)
+            w_next, x_next = _w8_gemv_load(w_ptrs, x_ptrs, n_mask, kk, K, k0, not EVEN_K,
+                                           W_HINT, X_HINT)
             acc = _w8_gemv_step(acc, w, x, s_rows, n_mask, kc, k0 - BLOCK_K, K, stride_sc,
                                 COL_GROUP, VEC, FAST_CVT)
             w = w_next
