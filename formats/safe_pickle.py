@@ -83,7 +83,7 @@ def _pickle_globals(ops, found: Set[str]) -> None:
     pickletools' per-opcode stack effects: strings as themselves, everything else as None."""
     stack: list = []
     memo: Dict[Any, Any] = {}
-    for op, arg, _pos in ops:
+    for op, arg, pos in ops:
         name = op.name
         if name in _MEMO_STORES:
             memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else None
@@ -95,7 +95,7 @@ def _pickle_globals(ops, found: Set[str]) -> None:
             if isinstance(module, str) and isinstance(attr, str):
                 found.add(f"{module}.{attr}")
             else:                              # names built some other way: not readable here
-                raise ValueError(f"STACK_GLOBAL at byte {_pos} without literal names")
+                raise ValueError(f"STACK_GLOBAL at byte {pos} without literal names")
         before = op.stack_before
         if pickletools.markobject in before:   # pops the slice above the mark, the mark, and
             while stack and stack[-1] is not _MARK:  # the items listed below it
