@@ -165,9 +165,9 @@ def ab_paths(model, dec, args, a, tag) -> int:
         key, settings = a.ab, (True, False)
     elif a.ab == "cache_hints":              # (weight, x) load hints, twice each
         key, settings = a.ab, (("", ""), ("ef", "el"), ("", ""), ("ef", "el"))
-    elif a.ab == "w8_tile":                  # the int8 one-row tile rule: this tree's, then
-        table, key = G._M1_RULES, "w8_gemv"  # session 9's 4-row rule, twice each
-        settings = (G._w8_gemv_m1_tile, _w8_rule_4row, G._w8_gemv_m1_tile, _w8_rule_4row)
+    elif a.ab == "w8_tile":                  # the int8 one-row tile rule: this tree's,
+        table, key = G._M1_RULES, "w8_gemv"  # session 10's 2-row one, session 9's 4-row one
+        settings = (G._w8_gemv_m1_tile, _w8_rule_2row, _w8_rule_4row) * 2
     elif a.ab == "m1_tile":
         key, settings = a.ab, ("rule", "autotune")
     elif a.ab == "head_in_step":
@@ -195,7 +195,12 @@ def ab_paths(model, dec, args, a, tag) -> int:
     return 0
 
 
-def _w8_rule_4row(N: int, K: int) -> tuple:
+def _w8_rule_2row(N: int, K: int, gated: bool = False) -> tuple:
+    """The int8 one-row GEMV tile rule of session 10 (2-row programs), for --ab w8_tile."""
+    return (2, 2048, 8, False) if N <= 3072 and K >= 8192 else (2, 1024, 4, False)
+
+
+def _w8_rule_4row(N: int, K: int, gated: bool = False) -> tuple:
     """The int8 one-row GEMV tile rule of sessions 6-9 (4-row programs), for --ab w8_tile."""
     if K >= 6144 or (K >= 4096 and N <= 12288):
         return (4, 2048, 8, False)
@@ -290,8 +295,8 @@ def main(argv=None) -> int:
                         "'m1_tile' the M = 1 GEMV tiles by rule or by the autotuner, "
                         "'head_in_step' the LM head outside the decode graph or inside it, "
                         "'cache_hints' the GEMVs' load hints (none / weights evict-first + x "
-                        "evict-last), 'w8_tile' the int8 one-row tile rule (2-row / session "
-                        "9's 4-row), twice each")
+                        "evict-last), 'w8_tile' the int8 one-row tile rule (this tree's / "
+                        "session 10's 2-row / session 9's 4-row), twice each")
     p.add_argument("--prefill", type=int, default=0, metavar="N",
                    help="instead of decode: one forward over an N-token prompt (batch 1), its "
                         "device time, host time and kernel table")

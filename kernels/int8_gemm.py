@@ -663,39 +663,46 @@ def _tuned_gemv(block_m: int, max_bk: int, rows: tuple = ()):
 # Decode, H200, same process (profile_decode_gpu.py --ab m1_tile): GPT-Neo-2.7B fp16 2.038 vs
 # 2.167 ms/token, Llama-7B fp16 3.885 vs 3.929, Llama-7B int8 2.683 vs 2.681.
 
-def _gemv_m1_tile(N: int, K: int) -> tuple:
+def _gemv_m1_tile(N: int, K: int, gated: bool = False) -> tuple:
     """The fp16/bf16 _gemv_kernel tile at M = 1: the widest K-tile (<= 1024) dividing K, else
     1024 (one masked tail), over 2-row programs for N < 3000 (GPT-Neo's 2560-row projections:
-    many small programs, short tails), 8 rows up to N = 4096, 4 rows above."""
+    many small programs, short tails), 8 rows up to N = 4096, 4 rows above. (Every height is
+    even, so a packed [gate | up] weight (gated) pairs its rows as it needs.)"""
     bk = next((b for b in (1024, 512) if K % b == 0), 1024)
     bn = 2 if N < 3000 else (8 if N <= 4096 else 4)
     return (bn, bk, 4, False, False)
 
 
-def _w8_gemv_m1_tile(N: int, K: int) -> tuple:
-    """The _w8_gemv_kernel tile (per-channel or row-group scales): 2-row programs with
-    1024-wide K-tiles over 4 warps; 2048-wide over 8 warps for long rows feeding few outputs
-    (N <= 3072, K >= 8192: GPT-Neo-2.7B's fc_out). Twice the programs of the 4-row tiles
-    (session 6's rule) and each one's weight strip half as long: measured on an H200
-    (kernels_gpu.py --fp-gemv --int8-only, us a call, 4-row rule -> this): 12288x4096
-    17.31 -> 15.29, 4096x4096 7.23 -> 6.35, 22016x4096 silu_gate 27.75 -> 26.12, 4096x11008
-    17.20 -> 14.20, 2560x10240 12.94 -> 10.15, 7680x2560 9.35 -> 8.87."""
-    if N <= 3072 and K >= 8192:
-        return (2, 2048, 8, False)
+def _w8_gemv_m1_tile(N: int, K: int, gated: bool = False) -> tuple:
+    """The _w8_gemv_kernel tile (per-channel or row-group scales): 1- or 2-row programs, twice
+    to four times as many as the 4-row tiles of sessions 6-9, each streaming a shorter strip:
+    - long rows (K >= 8192) into few outputs (N <= 3072, GPT-Neo's fc_out): 2048-wide K-tiles
+      over 8 warps; other long rows (Llama's down projection): one row over 2 warps, unless
+      the weight is a packed [gate | up] pair (gated), whose programs need an even height;
+    - short rows (K <= 2560) and the widest weights (N >= 16384): 512-wide tiles over 2 warps;
+    - else 1024-wide over 4 warps.
+    Measured on an H200 (kernels_gpu.py --fp-gemv --int8-only, session 10, us a call, 4-row
+    rule -> this): 12288x4096 17.31 -> 15.24, 4096x4096 7.23 -> 6.29, 22016x4096 silu_gate
+    27.75 -> 25.26, 4096x11008 17.20 -> 13.83, 2560x10240 12.94 -> 10.15, 7680x2560 9.35 ->
+    7.28, 2560x2560 5.87 -> 4.42."""
+    if K >= 8192:
+        return (2, 2048, 8, False) if N <= 3072 or gated else (1, 1024, 2, False)
+    if K <= 2560 or N >= 16384:
+        return (2, 512, 2, False)
     return (2, 1024, 4, False)
 
 
 _M1_RULES = {"gemv": _gemv_m1_tile, "w8_gemv": _w8_gemv_m1_tile}   # kind -> rule
 
 
-def _rule_tile(kind: str, M: int, N: int, K: int, col_group: int):
+def _rule_tile(kind: str, M: int, N: int, K: int, col_group: int, gated: bool):
     """The tile a rule gives this one-row GEMV (DECODE_PATHS["m1_tile"] == "rule"), or None
     (the autotuner): more rows, tl.dot tiles, and int8 column-group scales are tuned."""
     rule = _M1_RULES.get(kind)
     if rule is None or M != 1 or DECODE_PATHS["m1_tile"] != "rule" or \
             (kind == "w8_gemv" and col_group):
         return None
-    return rule(N, K)
+    return rule(N, K, gated)
 
 
 # The decode GEMM paths, a table rather than a per-shape timing: one kernel timed alone (do_bench,
@@ -742,7 +749,7 @@ def _launch(x2, w, s, bias, y, quant: bool, col_group: int, config=None, path=No
     interp = _interpreting()
     kind = _kind(M, quant, config, path)
     if config is None and not interp:
-        config = _rule_tile(kind, M, N, K, col_group)
+        config = _rule_tile(kind, M, N, K, col_group, act == "silu_gate")
     pdl_flags = pdl_args(x2)    # PDL (+ the launch option) for the kernels' _pdl_start
     pdl_flags.update(PF=pdl_flags["PDL"] and PDL["prefetch"], W_LINE=128 // w.element_size())
     args = (x2, w, s if s is not None else w, bias if bias is not None else y, y, M, N, K,

@@ -98,7 +98,8 @@ def test_gemv(nk, m, dtype):
 
 
 @pytest.mark.parametrize("nk,act", [((22016, 4096), "silu_gate"), ((10240, 2560), "gelu_tanh"),
-                                    ((16384, 4096), "gelu")])    # Llama, GPT-Neo, NeoX MLPs
+                                    ((16384, 4096), "gelu"),     # Llama, GPT-Neo, NeoX MLPs
+                                    ((8192, 8192), "silu_gate")])  # long gated rows: 2-row tile
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("m", [1, 4])
 def test_act_epilogue(nk, act, int8, m):
@@ -223,6 +224,30 @@ def test_decode_attention(hq, hkv, head_dim, alibi, window, sq, dtype, padded):
     ref = attention.decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), lengths,
                                          None, slopes, window, first)
     assert rel(y, ref) < TOL
+
+
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_decode_attention_splits_in_graph(hq, hkv):
+    """Batch-1 decode (8 splits of a 2048-key cache, most past the keys, then the combine
+    kernel) in a CUDA graph replayed with growing lengths, each replay against the
+    reference."""
+    D, max_len = 128, 2048
+    k_cache = torch.randn(1, hkv, max_len, D, device=DEV, dtype=torch.float16)
+    v_cache = torch.randn(1, hkv, max_len, D, device=DEV, dtype=torch.float16)
+    q = torch.randn(1, hq, 1, D, device=DEV, dtype=torch.float16)
+    lengths = torch.tensor([33], device=DEV, dtype=torch.int32)
+    out = poison(q.shape, torch.float16)
+    attention.decode_attention(q, k_cache, v_cache, lengths, out=out)       # compile, eager
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attention.decode_attention(q, k_cache, v_cache, lengths, out=out)
+    for n in (33, 34, 300, 1999, 2048):
+        lengths.fill_(n)
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = attention.decode_attention_ref(q.float(), k_cache.float(), v_cache.float(),
+                                             lengths)
+        assert rel(out, ref) < TOL, n
 
 
 @pytest.mark.parametrize("alibi,window", [(False, 0), (True, 0), (False, 256)])

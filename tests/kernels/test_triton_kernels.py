@@ -534,6 +534,33 @@ def test_m1_rule_tiles(n, k, gen):
     check(y, ref, torch.float32, gen[1], "int8")
 
 
+@pytest.mark.parametrize("n,k", [(4096, 11008), (22016, 4096), (5120, 13824), (28672, 8192),
+                                 (2560, 10240), (2560, 2560), (6, 5)])
+def test_w8_rule_gated_tiles_are_even(n, k):
+    """A packed [gate | up] weight pairs the rows of each program (_weight_rows), so the int8
+    rule never gives it a one-row tile, even where plain weights of its shape get one (long
+    rows into many outputs: Llama's down projection; a 70B model's packed gate|up)."""
+    for gated in (False, True):
+        bn, bk, warps, _ = int8_gemm._w8_gemv_m1_tile(n, k, gated)
+        assert bn >= 1 and bk in (512, 1024, 2048) and warps in (2, 4, 8)
+        assert not gated or bn % 2 == 0, (n, k, bn)
+    assert int8_gemm._w8_gemv_m1_tile(4096, 11008)[0] == 1     # plain: one row
+
+
+@pytest.mark.parametrize("act", ["identity", "gelu"])
+def test_w8_one_row_tile(act, gen):
+    """The rule's one-row programs over 2 warps (long rows: Llama's 4096x11008), at a small
+    shape in the interpreter: ragged K tail, row-group scales and an epilogue activation."""
+    n, k = 7, 1100
+    for groups in (n, 1):
+        q, s = quantize_ref(randn(gen, n, k), groups)
+        x, b = randn(gen, 1, k), randn(gen, n)
+        y = int8_gemm.int8_linear(x, q, s, b, out=poison((1, n), torch.float32),
+                                  config=(1, 1024, 2, False), act=act)
+        want = epilogue_ref(int8_gemm.int8_linear_ref(x.double(), q, s, b.double()), act)
+        check(y, want, torch.float32, gen[1], f"int8 one-row {act} groups={groups}")
+
+
 def test_pdl_never_on_cpu_or_interpreted(monkeypatch):
     """Programmatic dependent launch is a GPU launch option: with it switched on, kernels on a
     CPU tensor (the interpreter, or the references) get PDL=False and no launch option."""
@@ -542,3 +569,4 @@ def test_pdl_never_on_cpu_or_interpreted(monkeypatch):
     assert T.pdl_args(torch.zeros(2)) == {"PDL": False}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert T.pdl_launch(torch.zeros(2)) == {}
+
