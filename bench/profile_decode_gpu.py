@@ -17,6 +17,9 @@ the kernel table in $OUT/profile_<model>_<dtype>.txt. `projection` lines time ea
     dsinfer --num_gpus 2 bench/profile_decode_gpu.py ...    (TP 2: rank 0's timings)
     ... --prefill 512     one forward over a 512-token prompt instead: device ms, host ms (the
                           Python call alone) and its kernel table
+    ... --host            instead of the kernel profile: where the host's time goes in generate
+                          (cProfile over one timed generate, graphs and look-ahead on), top
+                          functions by own and by cumulative time in $OUT/host_<model>_<dtype>.txt
 """
 import argparse
 import json
@@ -277,6 +280,35 @@ def projections(dec, batch: int, steps: int, tag) -> None:
                tb_per_s=round(nbytes / ms / 1e9, 3), **tag)
 
 
+def host_profile(model, args, a, tag) -> int:
+    """HF generate of a.steps tokens under cProfile (after the warm-up generates of the timing
+    above): host ms per token, and the functions that spend it."""
+    import cProfile
+    import io
+    import pstats
+    ids = D.prompt(model.config.vocab_size, a.batch, 32, 0, args.device)
+    prof = cProfile.Profile()
+    with torch.inference_mode():
+        D.sync(args.device)
+        t0 = time.perf_counter()
+        prof.enable()
+        D.generate(model, ids, a.steps)
+        prof.disable()
+        D.sync(args.device)
+    ms = (time.perf_counter() - t0) * 1e3 / a.steps
+    record(what="host_profile", ms_per_token_profiled=round(ms, 3), **tag)
+    if RANK:
+        return 0
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text).strip_dirs()
+    for key in ("tottime", "cumulative"):
+        stats.sort_stats(key).print_stats(45)
+    with open(os.path.join(OUT, f"host_{tag['model']}_{tag['dtype']}.txt"), "w") as f:
+        f.write(f"{tag} generate of {a.steps} tokens under cProfile: {ms:.3f} ms/token\n")
+        f.write(text.getvalue())
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama", choices=["llama", "neo"])
@@ -300,6 +332,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=0, metavar="N",
                    help="instead of decode: one forward over an N-token prompt (batch 1), its "
                         "device time, host time and kernel table")
+    p.add_argument("--host", action="store_true",
+                   help="instead of the kernel profile: cProfile of one generate (host time per "
+                        "token, top functions)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launcher
     a = p.parse_args(argv)
     import dsinfer
@@ -336,6 +371,8 @@ def main(argv=None) -> int:
 
     if a.ab:
         return ab_paths(model, dec, args, a, tag)
+    if a.host:
+        return host_profile(model, args, a, tag)
     projections(dec, a.batch, a.steps, tag)
     graphs, dec.graphs = dec.graphs, None      # eager steps: one profiler record per kernel
     dec.lookahead = None                       # (and no guessed steps beside them)

@@ -198,7 +198,10 @@ class FusedDecoder:
 
     # ------------------------------------------------------------------ the LM head in a step
     def head_in_step(self) -> bool:
-        return self.head is not None and DECODE_HEAD["in_step"]
+        """Whether one-token steps compute the LM head (head.py: "auto" = with CUDA graphs)."""
+        mode = DECODE_HEAD["in_step"]
+        return self.head is not None and (mode is True or (mode == "auto"
+                                                          and self.graphs is not None))
 
     def finish(self, h: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A one-token step's end: the body's output hidden states [B, 1, H'] (the family's

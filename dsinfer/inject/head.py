@@ -13,10 +13,14 @@ module's forward:
                                    # view ([B, 1, H], same pointer, shape and strides),
                                    # else the head's own forward runs
 
-`served.after(x, logits)` (look-ahead) sees every call's result. Computing the head inside
-decode steps is switched by DECODE_HEAD["in_step"] (DSINFER_HEAD_IN_STEP=1): off, as timed
-on two H200s (bench/profile_decode_gpu.py --ab head_in_step, Llama-7B TP 2: 2.92-2.95 ms/token
-with it, 2.92-2.93 without; look-ahead already hides the head outside the graph).
+`served.after(x, logits)` (look-ahead) sees every call's result. Whether decode steps compute
+the head is DECODE_HEAD["in_step"] (DSINFER_HEAD_IN_STEP): "auto" (the default) wherever the
+decoder captures CUDA graphs, True (=1) always, False (=0) never. Timed on an H200
+(bench/profile_decode_gpu.py --ab head_in_step, session 11, same weights, tokens equal):
+GPT-Neo-2.7B int8 1.74 / 1.84 ms/token with the head in the graph against 2.03 / 2.09
+without, on a host whose `generate` loop took ~2 ms a token (then every Python launch saved
+counts); GPT-Neo fp16 2.02 both ways and Llama-7B int8 2.40 both ways (bound by the GPU). Two
+H200s at TP 2 (session 8): 2.92-2.95 either way.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-DECODE_HEAD = {"in_step": os.environ.get("DSINFER_HEAD_IN_STEP", "0") == "1"}
+DECODE_HEAD = {"in_step": {"0": False, "1": True}.get(os.environ.get("DSINFER_HEAD_IN_STEP", ""),
+                                                      "auto")}
 
 
 def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:

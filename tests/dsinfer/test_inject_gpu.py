@@ -55,6 +55,8 @@ def test_fp16_logits_and_graphs(arch, exact_prompts):
     # guessed steps (lookahead.py) from the second decode step (the first captures the graph)
     la = decoder.lookahead.stats
     assert la["hits"] >= GEN["max_new_tokens"] - 3 and la["misses"] <= 1, la
+    # the LM head ran inside the captured steps (head.py "auto"): HF's head calls were served
+    assert decoder.head.served >= GEN["max_new_tokens"] - 3, decoder.head.served
 
 
 @pytest.mark.parametrize("extra", [dict(do_sample=True, top_k=5, num_return_sequences=2),
