@@ -95,6 +95,7 @@ def open_source(src, fmt: Optional[str] = None, arch: Optional[str] = None,
     ckpt = open_checkpoint(Path(src), fmt, ReadOptions(arch=arch, vocab_size=vocab_size))
     spec = specs.for_config(ckpt.config, fallback=arch)
     specs.check_fits(spec, (t.name for t in ckpt.tensors), src)
+    specs.check_layers(spec, ckpt.tensors, ckpt.config, src)
     return ckpt, spec
 
 
@@ -156,6 +157,7 @@ def reshard(src, out, tp: int, to: str = "dsinfer", dtype: Optional[str] = None,
     if ckpt is not None:
         spec = specs.for_config(ckpt.config, fallback=arch)
         specs.check_fits(spec, (t.name for t in ckpt.tensors), src)
+        specs.check_layers(spec, ckpt.tensors, ckpt.config, src)
         placements, _ = specs.plan(spec, ckpt.config, ckpt.tensors, target.tp)
         if not all(bytecopy.supported(placements[t.name], t.shape) for t in ckpt.tensors):
             ckpt = None

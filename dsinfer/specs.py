@@ -253,6 +253,69 @@ def check_fits(spec: ArchSpec, names: Iterable[str], where) -> None:
             "model's own config.json next to them")
 
 
+_LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+)$")    # "<stack>.<index>.<rest>" at the first index
+FIRST_LAYER_ONLY = re.compile(r"relative_attention_bias")   # T5: the first block's alone
+
+
+def check_layers(spec: ArchSpec, tensors: Iterable, config: dict, where) -> None:
+    """The repeated layers are whole: every layer of a stack (the names before the first
+    `.N.`) holds the same tensors with the same shapes, the indices run 0..n-1, and a
+    decoder-only or encoder-only model has the config's layer count. Catches a partial copy,
+    a lost shard file or weights of two models mixed before anything is written. int8 scales
+    are left out (`dsinfer-quantize --skip` may leave some layers float)."""
+    stacks: Dict[str, Dict[int, Dict[str, Tuple[int, ...]]]] = {}
+    for t in tensors:
+        m = _LAYER.match(t.name)
+        if m is not None and not t.name.endswith(SCALE_SUFFIX):   # --skip: layers may differ
+            prefix, index, rest = m.group(1), int(m.group(2)), m.group(3)
+            stacks.setdefault(prefix, {}).setdefault(index, {})[rest] = tuple(t.shape)
+    for prefix, layers in stacks.items():
+        _check_stack(prefix, layers, where)
+    declared = spec.config_value(config, "layers")
+    if declared is not None and len(stacks) == 1:
+        (prefix, layers), = stacks.items()
+        if len(layers) != declared:
+            raise CheckpointError(
+                f"{where}: the config declares {declared} layers but the checkpoint holds "
+                f"{len(layers)} ({prefix}.0..{max(layers)}): the config.json does not belong "
+                "to these weights, or a shard file is missing")
+
+
+def _check_stack(prefix: str, layers: Dict[int, Dict[str, Tuple[int, ...]]], where) -> None:
+    gaps = sorted(set(range(max(layers) + 1)) - set(layers))
+    if gaps:
+        raise CheckpointError(
+            f"{where}: layer {prefix}.{gaps[0]} has no tensors while layers up to "
+            f"{prefix}.{max(layers)} do ({len(gaps)} missing): a shard file is missing or the "
+            "copy is incomplete; copy the checkpoint again")
+    shapes: Dict[str, Dict[Tuple[int, ...], List[int]]] = {}   # rest -> shape -> layers
+    for index in sorted(layers):
+        for rest, shape in layers[index].items():
+            shapes.setdefault(rest, {}).setdefault(shape, []).append(index)
+    for rest, by_shape in shapes.items():
+        if len(by_shape) > 1:    # the odd one out first (a tie: the lower layer first)
+            ranked = sorted(by_shape, key=lambda sh: (len(by_shape[sh]), -by_shape[sh][0]))
+            odd, common = ranked[0], ranked[-1]
+            if len(by_shape[odd]) == len(by_shape[common]):
+                odd, common = sorted((odd, common), key=lambda sh: by_shape[sh][0])
+            more = len(by_shape[common]) - 1
+            raise CheckpointError(
+                f"{where}: tensor '{prefix}.{by_shape[odd][0]}.{rest}' is {list(odd)} but "
+                f"'{prefix}.{by_shape[common][0]}.{rest}' is {list(common)}"
+                f"{f' (and in {more} more layers)' if more else ''}: weights of different "
+                "models are mixed; copy the checkpoint again")
+    seen = {rest: min(i for ix in by_shape.values() for i in ix)
+            for rest, by_shape in shapes.items()}       # rest -> first layer holding it
+    for index in sorted(layers):
+        lost = sorted(r for r in seen.keys() - layers[index].keys()
+                      if not FIRST_LAYER_ONLY.search(r))
+        if lost:
+            raise CheckpointError(
+                f"{where}: tensor '{prefix}.{index}.{lost[0]}' is missing (layer "
+                f"{seen[lost[0]]} has it; {len(lost)} missing in layer {index}): a shard "
+                "file is missing or the copy is incomplete; copy the checkpoint again")
+
+
 SCALE_SUFFIX = "_scale"  # int8 weight `X.weight` has scales `X.weight_scale` [groups, col_groups]
 
 

@@ -108,3 +108,42 @@ def test_every_spec_has_a_test_model():
     covered = {specs.for_config({"model_type": hf_models.CONFIGS[a][0].model_type}).name
                for a in hf_models.CONFIGS}
     assert covered == {s.name for s in specs.SPECS}
+
+
+class _T:
+    def __init__(self, name, shape):
+        self.name, self.shape = name, tuple(shape)
+
+
+def _layers(n, extra=(), shape=(8, 4), prefix="model.layers"):
+    return [_T(f"{prefix}.{i}.{p}.weight", shape) for i in range(n)
+            for p in ("self_attn.q_proj", "mlp.down_proj")] + [_T(n_, s) for n_, s in extra]
+
+
+@pytest.mark.parametrize("tensors,config,needles", [
+    (_layers(3)[:-1], {}, ("model.layers.2.mlp.down_proj.weight", "is missing", "layer 0 has")),
+    (_layers(3) + [_T("model.layers.1.mlp.extra.weight", (2,))], {},
+     ("model.layers.0.mlp.extra.weight", "is missing")),
+    ([t for t in _layers(4) if ".2." not in t.name], {}, ("model.layers.2 has no tensors",)),
+    (_layers(3)[:2] + [_T("model.layers.1.self_attn.q_proj.weight", (9, 4))] + _layers(3)[3:],
+     {}, ("'model.layers.1.self_attn.q_proj.weight' is [9, 4]", "[8, 4]", "1 more layers")),
+    (_layers(2), {"num_hidden_layers": 3}, ("config declares 3 layers", "holds 2")),
+])
+def test_check_layers_refuses(tensors, config, needles):
+    """Incomplete or mixed layer stacks are refused before anything is written, with the
+    tensor or layer named."""
+    with pytest.raises(specs.CheckpointError) as e:
+        specs.check_layers(specs.get("llama"), tensors, config, "src")
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_check_layers_accepts():
+    """Whole stacks; T5's first-block relative_attention_bias and two stacks (no layer count
+    check); int8 scales on some layers only (dsinfer-quantize --skip)."""
+    llama = specs.get("llama")
+    specs.check_layers(llama, _layers(3), {"num_hidden_layers": 3}, "src")
+    specs.check_layers(llama, _layers(3) + [_T("model.layers.1.mlp.down_proj.weight_scale",
+                                                (8, 1))], {}, "src")
+    t5 = (_layers(2, prefix="encoder.block") + _layers(3, prefix="decoder.block")
+          + [_T("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", (32, 4))])
+    specs.check_layers(specs.get("t5"), t5, {"num_layers": 2}, "src")

@@ -481,6 +481,49 @@ def wrong_architecture_for_config(b: Bench):
                ("config.json does not belong to these weights",), out=b.dir / "out")
 
 
+def _edit_safetensors(src: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+    f = src / "model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+@case
+def layer_tensor_missing(b: Bench):
+    src = b.copy("gpt2")
+    _edit_safetensors(src, lambda t: t.pop(next(k for k in t if ".1.mlp.c_proj.weight" in k)))
+    return Row("HF model.safetensors whose layer 1 lacks its mlp.c_proj.weight",
+               *b.run("reshard", src, "--tp", 2, "--out", b.dir / "out"),
+               (".1.mlp.c_proj.weight", "is missing", "copy the checkpoint again"),
+               out=b.dir / "out")
+
+
+@case
+def layer_tensor_other_shape(b: Bench):
+    src = b.copy("gpt2")
+
+    def grow(t):
+        name = next(k for k in t if ".0.mlp.c_fc.weight" in k)
+        w = t[name]
+        t[name] = torch.cat([w, w[:, :8]], dim=1).contiguous()   # 8 more output columns
+    _edit_safetensors(src, grow)
+    return Row("HF model.safetensors whose layer 0 mlp.c_fc.weight has another shape",
+               *b.run("reshard", src, "--tp", 2, "--out", b.dir / "out"),
+               (".0.mlp.c_fc.weight", "mixed"), out=b.dir / "out")
+
+
+@case
+def config_layer_count(b: Bench):
+    src = b.copy("gpt2")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["n_layer"] += 2
+    (src / "config.json").write_text(json.dumps(cfg))
+    return Row("config.json declaring 2 more layers than the weights hold",
+               *b.run("reshard", src, "--tp", 2, "--out", b.dir / "out"),
+               ("config declares", "layers", "shard file is missing"), out=b.dir / "out")
+
+
 @case
 def wrong_architecture_for_model(b: Bench):
     ckpt = b.src["llama_tp2"]
