@@ -132,7 +132,8 @@ class Loader:
             if style == "replicate" and q is None:
                 return
             mode = "local" if placement.split_dim == 1 else "vocab"
-            w = cache[wname].weight if wname in cache else self.tensor(wname, cast=q is None)
+            w = cache[wname].weight if wname in cache else self._local(wname, module.weight,
+                                                                        cast=q is None)
             start = self.tp.rank * w.shape[0] if mode == "vocab" and placement.split_dim == 0 else 0
             new = ParallelEmbedding(w, mode if not placement.replicated else "local", self.tp,
                                     start, getattr(module, "padding_idx", None), q)
@@ -140,12 +141,31 @@ class Loader:
             if style == "replicate" and q is None and wname not in cache:
                 return
             bname = self.names(f"{path}.bias" if path else "bias")
-            bias = self.tensor(bname) if bname is not None and getattr(module, "bias", None) is not None else None
-            w = cache[wname].weight if wname in cache else self.tensor(wname, cast=q is None)
+            bias = self._local(bname, module.bias) if bname is not None and getattr(
+                module, "bias", None) is not None else None
+            w = cache[wname].weight if wname in cache else self._local(wname, module.weight,
+                                                                        cast=q is None)
             new = ParallelLinear(w, bias, LINEAR_MODES[style], self.tp,
                                  transposed=isinstance(module, Conv1D), scale=q)
         cache.setdefault(wname, new)
         _set_module(self.model, path, new)
+
+    def _local(self, ckpt_name: str, param: torch.Tensor, cast: bool = True) -> torch.Tensor:
+        """This rank's tensor for a parameter of the (full-size) model, which it must fit: the
+        parameter's shape with the split dim divided by the TP degree (or whole)."""
+        t = self.tensor(ckpt_name, cast)
+        placement, tp = self.source.placements[ckpt_name], self.tp.size
+        want = list(param.shape)
+        if not placement.replicated and tp > 1:
+            want[placement.split_dim] //= tp
+        if list(t.shape) != want:
+            split = "" if placement.replicated or tp == 1 else \
+                f" (its {list(param.shape)} split {tp} ways)"
+            raise CheckpointError(
+                f"tensor '{ckpt_name}' is {list(t.shape)} on rank {self.tp.rank}, the model "
+                f"expects {want}{split}: the config and the checkpoint differ; load the "
+                "checkpoint with its own config.json")
+        return t
 
     def _split_alias(self, ckpt: str) -> bool:
         """A TP-split tensor that the model also keeps outside its parallel layer: BERT's

@@ -525,6 +525,21 @@ def config_layer_count(b: Bench):
 
 
 @case
+def model_config_differs_from_checkpoint(b: Bench):
+    wide = b.dir / "wide"                      # the model's config: a wider MLP than the weights
+    wide.mkdir()
+    cfg = json.loads((b.src["gpt2"] / "config.json").read_text())
+    cfg["n_inner"] = 4 * cfg["n_embd"] + 8
+    (wide / "config.json").write_text(json.dumps(cfg))
+    ckpt = b.src["gpt2"]
+    return Row("a GPT-2 model whose config has a wider MLP than its checkpoint",
+               *b.api(f"dsinfer.init_inference(wider_gpt2_on_meta, checkpoint='{ckpt}')",
+                      lambda: dsinfer.init_inference(meta_model(wide), checkpoint=ckpt)),
+               ("mlp.c_fc", "the model expects", "config and the checkpoint differ"),
+               code="raises")
+
+
+@case
 def wrong_architecture_for_model(b: Bench):
     ckpt = b.src["llama_tp2"]
     return Row("a GPT-2 model given a Llama checkpoint",
