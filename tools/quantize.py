@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,13 +75,30 @@ def _print_summary(res, summary: dict) -> None:
         print(f"  {w['rel_error']:.4%}  {w['sqnr_db']:6.1f} dB  {w['name']}")
 
 
+def _check_report_path(path: Path, force: bool) -> None:
+    """Before any work: --report names a file that can be written (its folder exists and is
+    writable) and does not exist yet, unless --force."""
+    folder = path.parent
+    if path.is_dir():
+        raise CheckpointError(f"--report {path}: is a folder; name a file such as "
+                              f"{path / 'report.json'}")
+    if path.exists() and not force:
+        raise CheckpointError(f"{path}: already exists; pass --force to replace it, or "
+                              "choose another --report")
+    if not folder.is_dir():
+        raise CheckpointError(f"--report {path}: folder {folder} does not exist; create it or "
+                              "choose another --report")
+    if not os.access(folder, os.W_OK):
+        raise CheckpointError(f"--report {path}: folder {folder} is not writable; choose "
+                              "another --report")
+
+
 def _body(args) -> int:
     qc = QuantConfig(groups=args.groups, mlp_extra_grouping=args.mlp_extra_grouping,
                      group_size=args.group_size, scale_dtype=args.scale_dtype,
                      quantize_embeddings=args.quantize_embeddings, skip=tuple(args.skip))
-    if args.report and Path(args.report).exists() and not args.force:
-        raise CheckpointError(f"{args.report}: already exists; pass --force to replace it, or "
-                              "choose another --report")
+    if args.report:
+        _check_report_path(Path(args.report), args.force)
     res, report = quantize(args.src, args.out, qc, tp=args.tp, dtype=args.dtype, fmt=args.fmt,
                            arch=args.arch, vocab_size=args.vocab_size, force=args.force,
                            progress=not args.quiet)

@@ -320,6 +320,15 @@ def group_size_not_divisible(b: Bench):
 
 
 @case
+def report_folder_missing(b: Bench):
+    report = b.dir / "reports" / "err.json"
+    return Row("--report in a folder that does not exist",
+               *b.run("quantize", b.src["gpt2"], "--out", b.dir / "out", "--groups", 2,
+                      "--report", report),
+               ("folder", "does not exist", "--report"), out=b.dir / "out")
+
+
+@case
 def already_quantized(b: Bench):
     rs.cli("quantize", b.src["gpt2"], "--out", b.dir / "int8", "--groups", 2, "--quiet")
     return Row("an int8 checkpoint given to dsinfer-quantize",
