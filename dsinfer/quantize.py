@@ -174,6 +174,8 @@ def quantize(src, out, qc: QuantConfig, tp: int = 1, dtype: Optional[str] = None
     Returns the write result and the error report {"config", "tensors", "summary"}."""
     target = Target(Path(out), tp, "dsinfer", dtype, force, progress)
     target.check()
+    if arch is not None:
+        specs.get(arch)              # unknown --arch: an error even where the config says
     ckpt, spec = open_source(src, fmt, arch, vocab_size)
     if ckpt.manifest and ckpt.manifest.get("quantization"):
         raise CheckpointError(f"{src}: already quantized ({ckpt.manifest['quantization']['method']}); "

@@ -150,6 +150,8 @@ def reshard(src, out, tp: int, to: str = "dsinfer", dtype: Optional[str] = None,
     the file, and no output, if one differs). `fast=False` forces the tensor path."""
     target = Target(Path(out), tp, to, dtype, force, progress, max_part_bytes)
     target.check()
+    if arch is not None:
+        specs.get(arch)              # unknown --arch: an error even where the config says
     AtomicDir(target.out, force, protect=[src])  # refuse an existing --out before reading
     ckpt = bytecopy.open_source(Path(src), fmt) if fast else None
     if ckpt is not None and _casts(ckpt, target.dtype):

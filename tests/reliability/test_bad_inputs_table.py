@@ -320,6 +320,14 @@ def group_size_not_divisible(b: Bench):
 
 
 @case
+def unknown_arch(b: Bench):
+    return Row("--arch naming no known architecture (the config names one)",
+               *b.run("reshard", b.src["gpt2"], "--tp", 2, "--out", b.dir / "out", "--arch",
+                      "gpt3"),
+               ("unknown architecture 'gpt3'", "known:"), out=b.dir / "out")
+
+
+@case
 def report_folder_missing(b: Bench):
     report = b.dir / "reports" / "err.json"
     return Row("--report in a folder that does not exist",
