@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import inspect
+import numbers
 import os
 import threading
 import time
@@ -58,15 +59,24 @@ class InferenceEngine(torch.nn.Module):
 
 
 def _tp_size(tensor_parallel, mp_size) -> int:
+    """The TP degree from DeepSpeed's spellings: tensor_parallel={"tp_size": N} (or an int, or
+    an object with .tp_size: DeepSpeedTPConfig), the deprecated mp_size, else WORLD_SIZE."""
     if mp_size is not None:
         warn("dsinfer: mp_size is deprecated; use tensor_parallel={'tp_size': N}")
-        return int(mp_size)
-    if tensor_parallel is None:
+        size, what = mp_size, "mp_size"
+    elif tensor_parallel is None:
         return int(os.environ.get("WORLD_SIZE", "1"))
-    if isinstance(tensor_parallel, int):
-        return tensor_parallel
-    size = getattr(tensor_parallel, "tp_size", None) or dict(tensor_parallel).get("tp_size")
-    return int(size or 1)
+    elif isinstance(tensor_parallel, dict):
+        size, what = tensor_parallel.get("tp_size", 1), "tensor_parallel tp_size"
+    elif isinstance(tensor_parallel, numbers.Integral) or hasattr(tensor_parallel, "tp_size"):
+        size, what = getattr(tensor_parallel, "tp_size", tensor_parallel), "tensor_parallel"
+    else:
+        raise CheckpointError(f"tensor_parallel must be {{'tp_size': N}} (or an int), got "
+                              f"{tensor_parallel!r}")
+    size = 1 if size is None else size
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise CheckpointError(f"{what} must be a whole number >= 1, got {size!r}")
+    return int(size)
 
 
 def planned_rank(tp_size: int) -> Tuple[int, int]:
@@ -122,6 +132,17 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _dtype(dtype) -> Optional[torch.dtype]:
+    """torch.float16 / bfloat16 / float32 / int8 or their names (DTYPE_ARGS); None: keep."""
+    if dtype is None:
+        return None
+    key = str(dtype).replace("torch.", "")
+    if key not in DTYPE_ARGS:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of torch.float16, "
+                              "torch.bfloat16, torch.float32, torch.int8 (or their names)")
+    return DTYPE_ARGS[key]
+
+
 def _quant_config(setting) -> Optional[QuantConfig]:
     """(groups, mlp_extra_grouping) as the tutorial writes it, (mlp_extra_grouping, groups) as
     DeepSpeed's code reads it, or an int (groups)."""
@@ -129,12 +150,19 @@ def _quant_config(setting) -> Optional[QuantConfig]:
         return None
     if isinstance(setting, QuantConfig):
         return setting
-    if isinstance(setting, (int, str)) and not isinstance(setting, bool):
-        return QuantConfig(groups=setting)
-    a, b = tuple(setting)
-    if isinstance(a, bool):
-        a, b = b, a
-    return QuantConfig(groups=a, mlp_extra_grouping=bool(b))
+    try:
+        if isinstance(setting, (int, str)) and not isinstance(setting, bool):
+            return QuantConfig(groups=setting)
+        if not isinstance(setting, (tuple, list)) or len(setting) != 2:
+            raise CheckpointError("it must be (groups, mlp_extra_grouping), an int or "
+                                  "'per-channel'")
+        a, b = setting
+        if isinstance(a, bool):
+            a, b = b, a
+        return QuantConfig(groups=a, mlp_extra_grouping=bool(b))
+    except CheckpointError as e:      # QuantConfig speaks of CLI flags: name the argument
+        detail = str(e).replace("--groups", "groups").replace("--group-size", "group_size")
+        raise CheckpointError(f"quantization_setting={setting!r}: {detail}") from None
 
 
 def _resolve_checkpoint(checkpoint, base_dir) -> Optional[Path]:
@@ -205,7 +233,11 @@ def init_inference(model, config=None, *, tensor_parallel=None, mp_size=None, dt
         raise CheckpointError(f"init_inference: unknown option(s) {sorted(kwargs)}; valid: "
                               f"{', '.join(valid)}")
     qc = _quant_config(quantization_setting)
-    out_dtype = DTYPE_ARGS.get(str(dtype).replace("torch.", "")) if dtype is not None else None
+    out_dtype = _dtype(dtype)
+    if isinstance(max_out_tokens, bool) or not isinstance(max_out_tokens, numbers.Integral) \
+            or max_out_tokens < 1:
+        raise CheckpointError(f"max_out_tokens must be a whole number >= 1 (the KV cache's "
+                              f"length in tokens), got {max_out_tokens!r}")
     if out_dtype is torch.int8:
         qc, out_dtype = qc or QuantConfig(), None
     clock = _Clock()

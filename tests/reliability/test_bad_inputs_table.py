@@ -557,6 +557,26 @@ def model_config_differs_from_checkpoint(b: Bench):
 
 
 @case
+def init_inference_bad_dtype(b: Bench):
+    return Row("init_inference with dtype='int4'",
+               *b.api("dsinfer.init_inference(gpt2_on_meta, dtype='int4', checkpoint=...)",
+                      lambda: dsinfer.init_inference(meta_model(b.src["gpt2"]), dtype="int4",
+                                                     checkpoint=b.src["gpt2"])),
+               ("dtype 'int4' is not supported", "torch.float16"), code="raises")
+
+
+@case
+def init_inference_tp_size_zero(b: Bench):
+    return Row("init_inference with tensor_parallel={'tp_size': 0}",
+               *b.api("dsinfer.init_inference(gpt2_on_meta, tensor_parallel={'tp_size': 0}, "
+                      "checkpoint=...)",
+                      lambda: dsinfer.init_inference(meta_model(b.src["gpt2"]),
+                                                     tensor_parallel={"tp_size": 0},
+                                                     checkpoint=b.src["gpt2"])),
+               ("tp_size must be a whole number >= 1", "got 0"), code="raises")
+
+
+@case
 def wrong_architecture_for_model(b: Bench):
     ckpt = b.src["llama_tp2"]
     return Row("a GPT-2 model given a Llama checkpoint",
