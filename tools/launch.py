@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 import uuid
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 # Not importing ._cli: it pulls in torch (2-3 s), which --help and command-line errors never need.
 PROG = "dsinfer"
@@ -73,7 +73,10 @@ class UsageError(Exception):
 
 
 def _positive(text: str) -> int:
-    n = int(text)
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
     return n
