@@ -16,8 +16,8 @@ through DeepSpeed's engine: ROOT/latest (the tag, e.g. "global_step1000") next t
 ROOT/global_step1000/mp_rank_{tp:02d}_model_states.pt, each a dict whose "module" is the nested
 legacy state (Megatron's state_dict_for_save_checkpoint) beside DeepSpeed's own entries and
 Megatron's client state (args, checkpoint_version, iteration). Read like the legacy layout. Its
-pipeline layout (PipelineModule: layer_XX-model_YY-model_states.pt) is refused with a pointer to
-Megatron-DeepSpeed's converter.
+pipeline layout (PipelineModule: layer_XX-model_YY-model_states.pt files) is presented to this
+reader as legacy rank files by formats/megatron_ds_pipe.py.
 
 Reading goes native name -> role (NATIVE tables: `qkv.weight` of layer N, ...) -> TP merge of the
 rank pieces into one Megatron-global tensor (MERGE) -> HF tensors of the architecture family
@@ -45,7 +45,6 @@ RANK_DIR = re.compile(r"mp_rank_(\d{2,})(?:_(\d{3,}))?")
 ITER_DIR = re.compile(r"iter_(\d+)")
 DS_TAG_FILE = "latest"                                          # Megatron-DeepSpeed
 DS_MODEL_FILE = re.compile(r"mp_rank_(\d{2,})_model_states\.pt")
-DS_PIPE_FILE = re.compile(r"layer_\d+-model_\d+-model_states\.pt")
 DS_STEP_DIR = re.compile(r"global_step(\d+)")
 SUPPORTED_VERSIONS = (0.0, 1.0, 2.0, 3.0)
 # Rank files are memory-mapped; pages read from a mapping count in RSS until it is dropped, so
@@ -208,7 +207,9 @@ LLAMA_NAMES = {
 
 # Megatron features no HF family here can express: (args field, is it on?, what it is)
 UNSUPPORTED = [
-    ("num_experts", lambda v: bool(v), "mixture-of-experts layers"),
+    ("num_experts", lambda v: any(n > 1 for n in v) if isinstance(v, (list, tuple)) else bool(v),
+     "mixture-of-experts layers"),      # Megatron-DeepSpeed: experts per layer, [1] = dense
+    ("embed_layernorm", bool, "a LayerNorm after the embedding (BLOOM's)"),
     ("multi_latent_attention", bool, "multi-latent attention"),
     ("qk_layernorm", bool, "QK layernorm"),
     ("apply_layernorm_1p", bool, "zero-centred norm weights (--apply-layernorm-1p)"),
@@ -365,11 +366,6 @@ def _rank_dirs(folder: Path) -> Dict[Tuple[int, int], Path]:
         m = DS_MODEL_FILE.fullmatch(d.name)
         if m and d.is_file():
             found[(int(m[1]), 0)] = d
-    if any(DS_PIPE_FILE.fullmatch(d.name) for d in folder.iterdir()):
-        raise CheckpointError(
-            f"{folder}: a Megatron-DeepSpeed pipeline checkpoint (layer_XX-model_YY-model_states"
-            ".pt files), which dsinfer does not read; convert it with Megatron-DeepSpeed's "
-            "tools/convert_checkpoint/deepspeed_to_megatron.py, then read the result")
     if not found:
         raise CheckpointError(f"{folder}: no mp_rank_XX folders; point at a Megatron save folder "
                               "(with latest_checkpointed_iteration.txt) or one of its iter_XXXXXXX/"
@@ -518,7 +514,6 @@ class _Spec:
 def _spec(args, roles: Dict[str, Pieces], version: float, options: ReadOptions,
           where: Path) -> _Spec:
     heads, hidden = args.num_attention_heads, args.hidden_size
-    gqa = bool(_arg(args, "group_query_attention", False))  # num_query_groups lies otherwise
     wte = roles.get("wte.weight")
     if wte is None:
         raise CheckpointError(f"{where}: no embedding.word_embeddings.weight in the first pipeline "
@@ -529,24 +524,51 @@ def _spec(args, roles: Dict[str, Pieces], version: float, options: ReadOptions,
         raise CheckpointError(f"{where}: vocab size {vocab} (--vocab-size, or the model's "
                               f"config.vocab_size at load) is larger than the {padded} embedding "
                               f"rows; use at most {padded}")
-    position = _arg(args, "position_embedding_type",
-                    "rope" if _arg(args, "use_rotary_position_embeddings", False)
-                    else "learned_absolute")
     return _Spec(
-        layers=args.num_layers, hidden=hidden, heads=heads,
-        groups=args.num_query_groups if gqa else heads,
+        layers=args.num_layers, hidden=hidden, heads=heads, groups=_groups(args),
         head_dim=_arg(args, "kv_channels", hidden // heads),
         ffn=_arg(args, "ffn_hidden_size", 4 * hidden), vocab=vocab,
         max_positions=_arg(args, "max_position_embeddings", _arg(args, "seq_length", 2048)),
         eps=_arg(args, "norm_epsilon", _arg(args, "layernorm_epsilon", 1e-5)),
-        norm=_arg(args, "normalization", "LayerNorm"), gated=bool(_arg(args, "swiglu", False)),
-        gelu=_gelu(args, "layers.0.fc1.bias" in roles), position=position,
+        norm=_norm(args), gated=bool(_arg(args, "swiglu", False)),
+        gelu=_gelu(args, "layers.0.fc1.bias" in roles), position=_position(args),
         bias=_bias(roles), tied=not _arg(args, "untie_embeddings_and_output_weights", False),
-        rope_theta=float(_arg(args, "rotary_base", 10000)),
+        rope_theta=float(_arg(args, "rotary_base", _arg(args, "rope_theta", 10000))),
         dtype=wte[0][0].shapes[wte[0][1]][1], version=version,
         init_std=_arg(args, "init_method_std", 0.02),
         hidden_dropout=_arg(args, "hidden_dropout", 0.0),
         attention_dropout=_arg(args, "attention_dropout", 0.0))
+
+
+# Megatron-LM and Megatron-DeepSpeed spell some args differently; these read either.
+NORMS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}      # MDS: lower case
+# position_embedding_type: Megatron-LM a string; Megatron-DeepSpeed an enum (pickled as its
+# value: BigScience's rotary = 1, absolute = 2, alibi = 3, or the name as a string)
+POSITIONS = {1: "rope", 2: "learned_absolute", 3: "alibi", "rotary": "rope",
+             "absolute": "learned_absolute"}
+
+
+def _norm(args) -> str:
+    value = str(_arg(args, "normalization", "LayerNorm"))
+    return NORMS.get(value.lower(), value)
+
+
+def _groups(args) -> int:
+    """KV heads: Megatron-LM's num_query_groups (only meaningful with group_query_attention),
+    or Megatron-DeepSpeed's num_key_value_heads."""
+    if _arg(args, "group_query_attention", False):
+        return args.num_query_groups
+    return _arg(args, "num_key_value_heads", args.num_attention_heads)
+
+
+def _position(args) -> str:
+    """"rope" | "learned_absolute" | "alibi" | ...: Megatron-DeepSpeed turns RoPE on with
+    use_rotary_position_embeddings and leaves position_embedding_type at its default."""
+    if _arg(args, "use_rotary_position_embeddings", False):
+        return "rope"
+    value = _arg(args, "position_embedding_type", "learned_absolute")
+    value = getattr(value, "value", value)           # an enum's stand-in: its pickled value
+    return POSITIONS.get(value, value)
 
 
 def _gelu(args, has_bias: bool) -> str:
@@ -760,6 +782,12 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     from . import megatron_dist
     if megatron_dist.is_dist_folder(folder):  # --ckpt-format torch_dist
         return megatron_dist.read_folder(folder, options, iteration)
+    from . import megatron_ds_pipe
+    if megatron_ds_pipe.is_pipe_folder(folder):  # Megatron-DeepSpeed with PipelineModule
+        pool = _Pool()
+        ranks, source = megatron_ds_pipe.open_folder(folder, pool)
+        pool.files.extend(ranks)
+        return _build([ranks], options, iteration, default_version=None, source=source)
     stages = _open_folder(folder, _Pool())
     return _build(stages, options, iteration, default_version=None)
 
@@ -787,8 +815,8 @@ def read_descriptor(desc: dict, base: Path, options: ReadOptions) -> Checkpoint:
 
 def _build(stages: List[List[_RankFile]], options: ReadOptions, iteration,
            default_version, source: Optional[dict] = None) -> Checkpoint:
-    """`source` given (megatron_dist): one already merged "rank file", not checked against the
-    TP x PP of the args."""
+    """`source` given (megatron_dist: one already merged "rank file"; megatron_ds_pipe: one
+    file per TP rank holding every stage's layers): not checked against the args' TP x PP."""
     first = stages[0][0]
     args = first.args
     _check_args(args, first.path)

@@ -175,8 +175,9 @@ READER_NOTES = {
     "deepspeed": "DeepSpeed training saves (`latest`, `global_stepN/`, ZeRO 0-3); the model's "
                  "HF `config.json` must be in the tag folder, the save folder or its parent",
     "megatron": "Megatron-LM legacy and megatron-core GPT checkpoints, any TP x PP, and "
-                "Megatron-DeepSpeed saves without pipeline stages (`latest` + "
-                "`global_stepN/mp_rank_XX_model_states.pt`); the family is detected from the "
+                "Megatron-DeepSpeed saves (`latest` + `global_stepN/`: "
+                "`mp_rank_XX_model_states.pt`, and with pipeline stages one "
+                "`layer_XX-model_YY-model_states.pt` per layer); the family is detected from the "
                 "args (RMSNorm / SwiGLU / RoPE: Llama; with biases on Q, K, V only: Qwen2) or "
                 "`--arch`. Both on-disk layouts (below)",
     "ds_inference": "DeepSpeed-Inference `save_mp_checkpoint_path` folders "

@@ -146,14 +146,6 @@ def test_zero3_empty_module_is_refused(mds_tp2):
         tensors(megatron.read(mds_tp2, ReadOptions()))
 
 
-def test_pipeline_layout_is_refused(mds_tp2):
-    torch.save({"input_layernorm.weight": torch.ones(4)},
-               mds_tp2 / "global_step7" / "layer_03-model_00-model_states.pt")
-    with pytest.raises(CheckpointError, match=r"Megatron-DeepSpeed pipeline checkpoint.*"
-                                              r"deepspeed_to_megatron"):
-        megatron.read(mds_tp2, ReadOptions())
-
-
 def test_bad_latest(mds_tp2):
     (mds_tp2 / "latest").write_text("global_step9")
     with pytest.raises(CheckpointError, match=r"latest: names 'global_step9', which is not a "

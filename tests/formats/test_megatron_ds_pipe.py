@@ -1,0 +1,298 @@
+"""Megatron-DeepSpeed pipeline checkpoints (DeepSpeed's PipelineModule: one
+layer_XX-model_YY-model_states.pt per spec layer and TP rank, Megatron's args in
+mp_rank_XX_model_states.pt): read through formats/megatron_ds_pipe.py, equal to the legacy
+reading of the same weights; megatron-core's real files re-packed give the oracle logits."""
+from __future__ import annotations
+
+import argparse
+import enum
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES
+from dsinfer.formats import CheckpointError, ReadOptions, deepspeed, detect, megatron
+from dsinfer.formats import open_checkpoint
+from dsinfer.formats.safe_pickle import load_pt
+from helpers import hf_models
+from helpers.checkpoints import hf_model, logits
+from helpers.checkpoints import load_tensors as tensors
+from helpers.megatron_writer import write_megatron
+
+MEGATRON = FIXTURES / "megatron"
+VOCAB = 100
+PLAIN = (int, float, str, bool, type(None), list, tuple, dict)
+# megatron-core names -> the legacy block keys Megatron-DeepSpeed's layers save
+MCORE_TO_LEGACY = (("self_attention.linear_qkv.", "self_attention.query_key_value."),
+                   ("self_attention.linear_proj.", "self_attention.dense."),
+                   ("pre_mlp_layernorm.", "post_attention_layernorm."),
+                   ("mlp.linear_fc1.", "mlp.dense_h_to_4h."),
+                   ("mlp.linear_fc2.", "mlp.dense_4h_to_h."))
+
+
+def _flat(d: dict, prefix: str = "") -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _split(flat: Dict[str, torch.Tensor]):
+    """Legacy or megatron-core names of one TP rank -> (embedding, [block dicts], final norm,
+    head) as the pipeline's layers hold them."""
+    emb, blocks, norm, head = {}, {}, {}, {}
+    for name, t in flat.items():
+        name = name.removeprefix("language_model.")
+        parts = name.split(".")
+        if parts[0] == "embedding":
+            emb[".".join(parts[1:])] = t
+        elif parts[0] in ("encoder", "decoder") and parts[1] == "layers":
+            key = ".".join(parts[3:])
+            for old, new in MCORE_TO_LEGACY:
+                key = key.replace(old, new)
+            blocks.setdefault(int(parts[2]), {})[key] = t
+        elif parts[0] in ("encoder", "decoder") and parts[1] == "final_layernorm":
+            norm[parts[2]] = t
+        elif parts[0] == "output_layer":
+            head["lm_head.weight"] = t
+    return emb, [blocks[i] for i in sorted(blocks)], norm, head
+
+
+def to_pipeline(rank_states: List[dict], root: Path, args, version: float = 3.0,
+                first_block: int = 3, step: int = 5, head_copy: bool = False) -> Path:
+    """Write TP ranks' model dicts as DeepSpeed's PipelineModule saves a GPTModelPipe: embedding
+    at spec index 1, blocks from `first_block` (BigScience 3, microsoft 2), one parameter-free
+    spec, the final norm, then an untied head (or, with `head_copy`, the tied embedding again,
+    as some DeepSpeed versions save it)."""
+    tag = root / f"global_step{step}"
+    tag.mkdir(parents=True)
+    for r, state in enumerate(rank_states):
+        emb, blocks, norm, head = _split(_flat(state))
+        layers = {1: emb}
+        layers.update({first_block + i: b for i, b in enumerate(blocks)})
+        end = first_block + len(blocks) + 1
+        layers[end] = norm
+        if head:
+            layers[end + 1] = head
+        elif head_copy:
+            layers[end + 1] = {"word_embeddings.weight": emb["word_embeddings.weight"]}
+        for idx, tensors_ in layers.items():
+            torch.save({k: t.clone() for k, t in tensors_.items()},
+                       tag / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
+        torch.save({"module": None, "args": args, "checkpoint_version": version,
+                    "iteration": step, "dp_world_size": 1, "mp_world_size": len(rank_states),
+                    "ds_version": "0.14.0", "global_steps": step},
+                   tag / f"mp_rank_{r:02d}_model_states.pt")
+    (root / "latest").write_text(tag.name)
+    (root / "latest_checkpointed_iteration.txt").write_text(str(step))
+    return root
+
+
+def _plain(args, **changes) -> argparse.Namespace:
+    """args with the inert stand-ins of megatron classes as strings (so that they pickle again
+    here), edited by `changes` (None deletes a field)."""
+    a = {k: v if isinstance(v, PLAIN) else str(v) for k, v in vars(args).items()}
+    a.update(changes)
+    return argparse.Namespace(**{k: v for k, v in a.items() if v is not None})
+
+
+def _legacy_ranks(folder: Path, tp: int) -> List[dict]:
+    (it,) = [p for p in folder.iterdir() if p.is_dir()]
+    return [load_pt(it / f"mp_rank_{r:02d}" / "model_optim_rng.pt") for r in range(tp)]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    model = hf_models.build("gpt2", seed=5, vocab_size=VOCAB, n_layer=3)
+    return model, {n: p.detach().clone() for n, p in model.named_parameters()}, \
+        model.config.to_dict()
+
+
+@pytest.fixture
+def gpt2_pipe(tmp_path, gpt2):
+    _, want, config = gpt2
+    write_megatron(tmp_path / "legacy", want, config, tp=2, names="new")
+    ranks = _legacy_ranks(tmp_path / "legacy", 2)
+    args = _plain(ranks[0]["args"], pipeline_model_parallel_size=3)
+    return to_pipeline([r["model"] for r in ranks], tmp_path / "mds", args)
+
+
+def test_gpt2_reads_like_legacy(gpt2_pipe, tmp_path, gpt2):
+    """BigScience numbering (blocks from spec index 3), TP 2, tied embeddings, biases."""
+    _, want, _ = gpt2
+    assert detect(gpt2_pipe) == "megatron"
+    ckpt = megatron.read(gpt2_pipe, ReadOptions(vocab_size=VOCAB))
+    got = tensors(ckpt)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+    assert ckpt.config == megatron.read(tmp_path / "legacy", ReadOptions(vocab_size=VOCAB)).config
+    assert ckpt.source == {"format": "megatron", "layout": "megatron-deepspeed pipeline",
+                           "tp_size": 2, "pp_size": 3, "checkpoint_version": 3.0,
+                           "iteration": 5}
+
+
+def test_tag_folder_through_the_deepspeed_reader(gpt2_pipe, gpt2):
+    _, want, _ = gpt2
+    tag = gpt2_pipe / "global_step5"
+    assert detect(tag) == "megatron"            # its parent has Megatron's tracker
+    (gpt2_pipe / "latest_checkpointed_iteration.txt").unlink()
+    assert detect(gpt2_pipe) == "deepspeed"     # `latest` alone: DeepSpeed's layout, Megatron's args
+    got = tensors(deepspeed.read(gpt2_pipe, ReadOptions(vocab_size=VOCAB)))
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_saved_copy_of_the_tied_head_is_dropped(tmp_path, gpt2):
+    _, want, config = gpt2
+    write_megatron(tmp_path / "legacy", want, config, tp=1, names="new")
+    ranks = _legacy_ranks(tmp_path / "legacy", 1)
+    root = to_pipeline([r["model"] for r in ranks], tmp_path / "mds", _plain(ranks[0]["args"]),
+                       first_block=2, head_copy=True)
+    got = tensors(megatron.read(root, ReadOptions(vocab_size=VOCAB)))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+class PositionEmbeddingType(enum.Enum):   # BigScience Megatron-DeepSpeed's megatron/enums.py
+    rotary = 1
+    absolute = 2
+    alibi = 3
+
+
+@pytest.fixture
+def megatron_enums(monkeypatch):
+    """The enum pickled under Megatron-DeepSpeed's module path, as its args hold it."""
+    pkg, mod = types.ModuleType("megatron"), types.ModuleType("megatron.enums")
+    mod.PositionEmbeddingType = PositionEmbeddingType
+    monkeypatch.setattr(PositionEmbeddingType, "__module__", "megatron.enums")
+    monkeypatch.setitem(sys.modules, "megatron", pkg)
+    monkeypatch.setitem(sys.modules, "megatron.enums", mod)
+    return PositionEmbeddingType
+
+
+def _mds_llama_args(args, **changes):
+    """megatron-core's stored args as Megatron-DeepSpeed spells them for a Llama run
+    (--normalization rmsnorm --num-key-value-heads --use-rotary-position-embeddings
+    --rope-theta; position_embedding_type left at its enum default; dense num_experts [1])."""
+    mds = dict(normalization="rmsnorm", num_key_value_heads=args.num_query_groups,
+               group_query_attention=None, num_query_groups=None, rotary_base=None,
+               rope_theta=float(args.rotary_base), use_rotary_position_embeddings=True,
+               num_experts=[1], position_embedding_type=None)
+    return _plain(args, **{**mds, **changes})
+
+
+def _real_llama_pipe(tmp_path, enums, **changes) -> Path:
+    ranks = _legacy_ranks(MEGATRON / "llama_tp2", 2)
+    args = _mds_llama_args(ranks[0]["args"], **changes)
+    args.position_embedding_type = enums.absolute
+    return to_pipeline([r["model"] for r in ranks], tmp_path / "mds", args, first_block=2)
+
+
+def test_real_megatron_llama_with_megatron_deepspeed_args(tmp_path, megatron_enums):
+    """megatron-core's TP 2 Llama (GQA, SwiGLU, RoPE, untied head) in the pipeline layout with
+    Megatron-DeepSpeed's args: the same tensors and config as the legacy reading, and the live
+    model's logits."""
+    root = _real_llama_pipe(tmp_path, megatron_enums)
+    ckpt = open_checkpoint(root)
+    got = tensors(ckpt)
+    legacy = megatron.read(MEGATRON / "llama_tp2", ReadOptions())
+    want = tensors(legacy)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in got)
+    assert ckpt.config == legacy.config
+    oracle = load_file(MEGATRON / "llama_tp2" / "oracle.safetensors")
+    out = logits(hf_model(ckpt.config, got), oracle["input_ids"])
+    assert (out - oracle["logits"]).abs().max() <= 1e-4 * oracle["logits"].abs().max()
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(num_experts=[4]), r"mixture-of-experts layers \(args\.num_experts=\[4\]\)"),
+    (dict(embed_layernorm=True), r"a LayerNorm after the embedding"),
+])
+def test_unsupported_megatron_deepspeed_features(tmp_path, megatron_enums, changes, needle):
+    root = _real_llama_pipe(tmp_path, megatron_enums, **changes)
+    with pytest.raises(CheckpointError, match=needle):
+        megatron.read(root, ReadOptions())
+
+
+def test_alibi_position_enum_is_named(tmp_path, gpt2, megatron_enums):
+    _, want, config = gpt2
+    write_megatron(tmp_path / "legacy", want, config, tp=1, names="new")
+    ranks = _legacy_ranks(tmp_path / "legacy", 1)
+    args = _plain(ranks[0]["args"], position_embedding_type=None)
+    args.position_embedding_type = megatron_enums.alibi
+    root = to_pipeline([r["model"] for r in ranks], tmp_path / "mds", args)
+    with pytest.raises(CheckpointError, match=r"position=alibi"):
+        megatron.read(root, ReadOptions(vocab_size=VOCAB))
+
+
+def test_rotary_buffers_and_non_tensors_in_blocks_are_skipped(gpt2_pipe, gpt2):
+    """Some Megatron-DeepSpeed versions keep the rotary inv_freq buffer in each block's state."""
+    _, want, _ = gpt2
+    for r in (0, 1):
+        path = _tag(gpt2_pipe) / f"layer_03-model_{r:02d}-model_states.pt"
+        state = dict(load_pt(path))
+        state.update({"self_attention.rotary_emb.inv_freq": torch.ones(4),
+                      "self_attention.core_attention._extra_state": None})
+        torch.save(state, str(path) + ".new")
+        Path(str(path) + ".new").replace(path)
+    got = tensors(megatron.read(gpt2_pipe, ReadOptions(vocab_size=VOCAB)))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_cli_reshards_it(gpt2_pipe, tmp_path, gpt2):
+    _, want, _ = gpt2
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "dsinfer.tools.reshard", str(gpt2_pipe), "--out",
+                        str(out), "--tp", "1", "--to", "hf", "--vocab-size", str(VOCAB),
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = load_file(out / "model.safetensors")
+    assert all(torch.equal(got[n], want[n]) for n in want if n in got)
+
+
+# ---- damaged folders: one clear error each ---------------------------------------------------
+
+def _tag(root: Path) -> Path:
+    return root / "global_step5"
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda t: (t / "layer_04-model_01-model_states.pt").unlink(),
+     r"layer 04 exists for one TP rank but not another"),
+    (lambda t: [(t / f"layer_04-model_{r:02d}-model_states.pt").unlink() for r in (0, 1)],
+     r"layer_04-model_00-model_states.pt: missing between the transformer block files"),
+    (lambda t: [p.unlink() for p in t.glob("layer_*-model_01-*")],
+     r"no layer files of TP rank 1 .*the args say TP 2"),
+    (lambda t: [p.unlink() for p in t.glob("mp_rank_*")],
+     r"without mp_rank_00_model_states.pt, which holds Megatron's args"),
+    (lambda t: [torch.save({"rotary.freqs": torch.ones(2)},
+                           t / f"layer_02-model_{r:02d}-model_states.pt") for r in (0, 1)],
+     r"layer_02-model_00-model_states.pt: a pipeline layer with tensors \['rotary.freqs'\]"),
+    (lambda t: [torch.save({"weight": torch.ones(64)},
+                           t / f"layer_04-model_{r:02d}-model_states.pt") for r in (0, 1)],
+     r"layer_04-model_00-model_states.pt: a final norm between transformer blocks"),
+    (lambda t: torch.save([1, 2], t / "layer_03-model_00-model_states.pt"),
+     r"layer_03-model_00-model_states.pt: holds a list, not a layer state dict"),
+    (lambda t: [(t / f"layer_{i:02d}-model_{r:02d}-model_states.pt").unlink()
+                for r in (0, 1) for i in (3, 4, 5)],
+     r"no transformer block files"),
+])
+def test_damaged_pipeline_folder(gpt2_pipe, damage, needle):
+    damage(_tag(gpt2_pipe))
+    with pytest.raises(CheckpointError, match=needle):
+        tensors(megatron.read(gpt2_pipe, ReadOptions(vocab_size=VOCAB)))
+
+
+def test_missing_last_block_is_counted(gpt2_pipe):
+    """The last block's files gone: the blocks are consecutive, but fewer than num_layers."""
+    for r in (0, 1):
+        (_tag(gpt2_pipe) / f"layer_05-model_{r:02d}-model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"layer_05-model_00-model_states.pt: missing; the "
+                                              r"args say num_layers=3"):
+        megatron.read(gpt2_pipe, ReadOptions(vocab_size=VOCAB))
