@@ -163,6 +163,8 @@ def ab_paths(model, dec, args, a, tag) -> int:
         return ab_lookahead(model, dec, args, a, tag)
     if a.ab == "pdl":
         return ab_pdl(model, dec, args, a, tag)
+    if a.ab == "launch_bound":
+        return ab_launch_bound(model, dec, args, a, tag)
     table = G.DECODE_PATHS
     if a.ab in ("act_epilogue", "balanced_rows"):
         key, settings = a.ab, (True, False)
@@ -231,6 +233,37 @@ def ab_pdl(model, dec, args, a, tag) -> int:
                graph_ms=round(events_ms(g.graph.replay, a.steps), 3),
                tokens_as_first=bool(torch.equal(toks, first)), **tag)
     T.PDL.update(default)
+    return 0
+
+
+def ab_launch_bound(model, dec, args, a, tag) -> int:
+    """The most fusing small launches away could save: decode steps with the RoPE + KV-cache
+    write and / or the add+norm launches replaced by nothing (outputs WRONG; times only; the
+    greedy tokens, and so look-ahead's hits, change too: read graph_ms)."""
+    from dsinfer import kernels as K
+    real = {"qkv": K.qkv_to_cache, "norm": K.add_norm}
+
+    def no_qkv(qkv, *rest, **kw):       # decode steps only (the prompt still fills the cache)
+        return None if qkv.shape[1] == 1 else real["qkv"](qkv, *rest, **kw)
+
+    def no_norm(x, residual, *rest, **kw):
+        if x.shape[1] != 1:
+            return real["norm"](x, residual, *rest, **kw)
+        return x, (x if residual is None else residual)
+
+    settings = ("as_is", "no_qkv_cache", "no_add_norm", "neither", "as_is", "no_qkv_cache")
+    try:
+        for name in settings:
+            K.qkv_to_cache = no_qkv if name in ("no_qkv_cache", "neither") else real["qkv"]
+            K.add_norm = no_norm if name in ("no_add_norm", "neither") else real["norm"]
+            dec.graphs.reset()
+            gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
+            g = dec.graphs.graphs[a.batch]
+            record(what="ab", setting="launch_bound", path=name, default=name == "as_is",
+                   ms_per_token=gen["ms_per_token"],
+                   graph_ms=round(events_ms(g.graph.replay, a.steps), 3), **tag)
+    finally:
+        K.qkv_to_cache, K.add_norm = real["qkv"], real["norm"]
     return 0
 
 
@@ -318,7 +351,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--ab", nargs="?", const="path",
                    choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl",
-                            "m1_tile", "head_in_step", "cache_hints", "w8_tile"],
+                            "m1_tile", "head_in_step", "cache_hints", "w8_tile",
+                            "launch_bound"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
@@ -328,7 +362,9 @@ def main(argv=None) -> int:
                         "'head_in_step' the LM head outside the decode graph or inside it, "
                         "'cache_hints' the GEMVs' load hints (none / weights evict-first + x "
                         "evict-last), 'w8_tile' the int8 one-row tile rule (this tree's / "
-                        "session 10's 2-row / session 9's 4-row), twice each")
+                        "session 10's 2-row / session 9's 4-row), twice each; "
+                        "'launch_bound' the RoPE + cache-write and add+norm launches replaced "
+                        "by nothing (wrong outputs: the bound on fusing them away)")
     p.add_argument("--prefill", type=int, default=0, metavar="N",
                    help="instead of decode: one forward over an N-token prompt (batch 1), its "
                         "device time, host time and kernel table")
