@@ -62,6 +62,7 @@ def _compiled(table):
 GLOBAL_NAMES = _compiled([
     (r"embedding\.word_embeddings\.weight", "wte.weight"),
     (r"embedding\.position_embeddings\.weight", "wpe.weight"),
+    (r"embedding\.word_embeddings\.norm\.(weight|bias)", "wte_norm.{}"),  # BLOOM (BigScience)
     (r"(?:encoder|transformer|decoder)\.final_(?:layernorm|norm)\.(weight|bias)", "lnf.{}"),
     (r"output_layer\.weight", "head.weight"),
     (r"word_embeddings_for_head\.weight", None),
@@ -120,6 +121,7 @@ def _qkv(ts, s):  # -> [groups, hpg + 2, hn, *in]
 
 MERGE = {
     "wte.weight": _vocab, "head.weight": _vocab, "wpe.weight": _replicated,
+    "wte_norm.weight": _replicated, "wte_norm.bias": _replicated,
     "ln1.weight": _replicated, "ln1.bias": _replicated, "ln2.weight": _replicated,
     "ln2.bias": _replicated, "lnf.weight": _replicated, "lnf.bias": _replicated,
     "qkv.weight": _qkv, "qkv.bias": _qkv,
@@ -161,6 +163,8 @@ PICK = {
     "t": lambda m, s: m.t(),  # Linear [out, in] -> Conv1D [in, out]
     "q": _q, "k": _k, "v": _v,
     "qkv": _qkv_cat,
+    "per_head": lambda m, s: m.reshape(-1, *m.shape[3:]),  # [heads, 3, hn, *in]: BLOOM's fused
+
     "qkv_t": lambda m, s: _qkv_cat(m, s).t(),
     "gate": lambda m, s: m.chunk(2, 0)[0],
     "up": lambda m, s: m.chunk(2, 0)[1],
@@ -182,6 +186,22 @@ GPT2_NAMES = {
     "fc1.bias": [("transformer.h.{L}.mlp.c_fc.bias", "same")],
     "fc2.weight": [("transformer.h.{L}.mlp.c_proj.weight", "t")],
     "fc2.bias": [("transformer.h.{L}.mlp.c_proj.bias", "same")],
+    "lnf.weight": [("transformer.ln_f.weight", "same")],
+    "lnf.bias": [("transformer.ln_f.bias", "same")],
+    "head.weight": [("lm_head.weight", "same")],
+}
+_BLOCK = "transformer.h.{L}."
+BLOOM_NAMES = {   # Megatron-DeepSpeed's own names, under transformer.; QKV per head [q k v]
+    "wte.weight": [("transformer.word_embeddings.weight", "same")],
+    "wte_norm.weight": [("transformer.word_embeddings_layernorm.weight", "same")],
+    "wte_norm.bias": [("transformer.word_embeddings_layernorm.bias", "same")],
+    **{f"{role}.{p}": [(_BLOCK + name + "." + p, pick)] for p in ("weight", "bias")
+       for role, name, pick in (("ln1", "input_layernorm", "same"),
+                                ("qkv", "self_attention.query_key_value", "per_head"),
+                                ("proj", "self_attention.dense", "same"),
+                                ("ln2", "post_attention_layernorm", "same"),
+                                ("fc1", "mlp.dense_h_to_4h", "same"),
+                                ("fc2", "mlp.dense_4h_to_h", "same"))},
     "lnf.weight": [("transformer.ln_f.weight", "same")],
     "lnf.bias": [("transformer.ln_f.bias", "same")],
     "head.weight": [("lm_head.weight", "same")],
@@ -209,7 +229,7 @@ LLAMA_NAMES = {
 UNSUPPORTED = [
     ("num_experts", lambda v: any(n > 1 for n in v) if isinstance(v, (list, tuple)) else bool(v),
      "mixture-of-experts layers"),      # Megatron-DeepSpeed: experts per layer, [1] = dense
-    ("embed_layernorm", bool, "a LayerNorm after the embedding (BLOOM's)"),
+    ("glu_activation", bool, "BigScience's GLU MLP (--glu-activation)"),
     ("multi_latent_attention", bool, "multi-latent attention"),
     ("qk_layernorm", bool, "QK layernorm"),
     ("apply_layernorm_1p", bool, "zero-centred norm weights (--apply-layernorm-1p)"),
@@ -490,7 +510,8 @@ class _Spec:
     norm: str            # "LayerNorm" | "RMSNorm"
     gated: bool          # SwiGLU
     gelu: str            # HF activation for a plain MLP: "gelu_new" (tanh) | "gelu" (erf)
-    position: str        # "learned_absolute" | "rope" | ...
+    position: str        # "learned_absolute" | "rope" | "alibi" | ...
+    embed_norm: bool     # a LayerNorm after the word embeddings (BLOOM)
     bias: str            # which linears have biases: "all" | "none" | "qkv" | "mixed"
     tied: bool
     rope_theta: float
@@ -507,7 +528,8 @@ class _Spec:
     def features(self) -> dict:
         return {"norm": self.norm, "mlp": "swiglu" if self.gated else "gelu",
                 "position": self.position, "bias": self.bias,
-                "query groups": self.groups != self.heads,
+                "activation": "silu" if self.gated else self.gelu,
+                "query groups": self.groups != self.heads, "embedding norm": self.embed_norm,
                 "head_dim * heads == hidden": self.head_dim * self.heads == self.hidden}
 
 
@@ -524,6 +546,9 @@ def _spec(args, roles: Dict[str, Pieces], version: float, options: ReadOptions,
         raise CheckpointError(f"{where}: vocab size {vocab} (--vocab-size, or the model's "
                               f"config.vocab_size at load) is larger than the {padded} embedding "
                               f"rows; use at most {padded}")
+    if _arg(args, "embed_layernorm", False) and "wte_norm.weight" not in roles:
+        raise CheckpointError(f"{where}: the args say --embed-layernorm but the embedding has no "
+                              "word_embeddings.norm tensors; copy the embedding's files again")
     return _Spec(
         layers=args.num_layers, hidden=hidden, heads=heads, groups=_groups(args),
         head_dim=_arg(args, "kv_channels", hidden // heads),
@@ -532,6 +557,7 @@ def _spec(args, roles: Dict[str, Pieces], version: float, options: ReadOptions,
         eps=_arg(args, "norm_epsilon", _arg(args, "layernorm_epsilon", 1e-5)),
         norm=_norm(args), gated=bool(_arg(args, "swiglu", False)),
         gelu=_gelu(args, "layers.0.fc1.bias" in roles), position=_position(args),
+        embed_norm="wte_norm.weight" in roles,
         bias=_bias(roles), tied=not _arg(args, "untie_embeddings_and_output_weights", False),
         rope_theta=float(_arg(args, "rotary_base", _arg(args, "rope_theta", 10000))),
         dtype=wte[0][0].shapes[wte[0][1]][1], version=version,
@@ -645,6 +671,18 @@ def _llama_config(s: _Spec) -> dict:
     }
 
 
+def _bloom_config(s: _Spec) -> dict:
+    """BLOOM: ALiBi, a LayerNorm after the embeddings, tanh GELU, per-head fused QKV."""
+    return {
+        "architectures": ["BloomForCausalLM"], "model_type": "bloom",
+        "vocab_size": s.vocab, "hidden_size": s.hidden, "n_layer": s.layers,
+        "n_head": s.heads, "layer_norm_epsilon": s.eps, "initializer_range": s.init_std,
+        "apply_residual_connection_post_layernorm": False, "hidden_dropout": s.hidden_dropout,
+        "attention_dropout": s.attention_dropout, "tie_word_embeddings": s.tied,
+        "torch_dtype": _dtype_name(s.dtype),
+    }
+
+
 def _qwen2_config(s: _Spec) -> dict:
     """Llama with biases on Q, K and V only (Megatron's --add-qkv-bias --disable-bias-linear)."""
     return {
@@ -670,18 +708,23 @@ class Family:
 FAMILIES = {
     "gpt2": Family("GPT2LMHeadModel", GPT2_NAMES, {
         "norm": ("LayerNorm",), "mlp": ("gelu",), "position": ("learned_absolute",),
-        "bias": ("all",), "query groups": (False,), "head_dim * heads == hidden": (True,)},
-        _gpt2_config),
+        "bias": ("all",), "query groups": (False,), "head_dim * heads == hidden": (True,),
+        "embedding norm": (False,)}, _gpt2_config),
     "llama": Family("LlamaForCausalLM", LLAMA_NAMES, {
         "norm": ("RMSNorm",), "mlp": ("swiglu",), "position": ("rope",),
-        "bias": ("all", "none")}, _llama_config),
+        "bias": ("all", "none"), "embedding norm": (False,)}, _llama_config),
     "qwen2": Family("Qwen2ForCausalLM", LLAMA_NAMES, {   # HF Qwen2 derives head_dim
         "norm": ("RMSNorm",), "mlp": ("swiglu",), "position": ("rope",), "bias": ("qkv",),
-        "head_dim * heads == hidden": (True,)}, _qwen2_config),
+        "head_dim * heads == hidden": (True,), "embedding norm": (False,)}, _qwen2_config),
+    "bloom": Family("BloomForCausalLM", BLOOM_NAMES, {
+        "norm": ("LayerNorm",), "mlp": ("gelu",), "activation": ("gelu_new",),
+        "position": ("alibi",), "bias": ("all",), "query groups": (False,),
+        "head_dim * heads == hidden": (True,), "embedding norm": (True,)}, _bloom_config),
 }
 ARCH_ALIASES = {"gpt2": "gpt2", "gpt2lmheadmodel": "gpt2",
                 "llama": "llama", "llamaforcausallm": "llama",
-                "qwen2": "qwen2", "qwen2forcausallm": "qwen2"}
+                "qwen2": "qwen2", "qwen2forcausallm": "qwen2",
+                "bloom": "bloom", "bloomforcausallm": "bloom"}
 
 
 def _family(s: _Spec, arch: Optional[str], where: Path) -> Family:
@@ -689,7 +732,8 @@ def _family(s: _Spec, arch: Optional[str], where: Path) -> Family:
         f = s.features()
         llama = f["norm"] == "RMSNorm" or f["mlp"] == "swiglu" or f["position"] == "rope" \
             or f["query groups"]
-        key = ("qwen2" if s.bias == "qkv" else "llama") if llama else "gpt2"
+        bloom = f["position"] == "alibi" or f["embedding norm"]
+        key = ("qwen2" if s.bias == "qkv" else "llama") if llama else "bloom" if bloom else "gpt2"
     elif arch.lower() in ARCH_ALIASES:
         key = ARCH_ALIASES[arch.lower()]
     else:

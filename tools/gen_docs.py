@@ -178,7 +178,8 @@ READER_NOTES = {
                 "Megatron-DeepSpeed saves (`latest` + `global_stepN/`: "
                 "`mp_rank_XX_model_states.pt`, and with pipeline stages one "
                 "`layer_XX-model_YY-model_states.pt` per layer); the family is detected from the "
-                "args (RMSNorm / SwiGLU / RoPE: Llama; with biases on Q, K, V only: Qwen2) or "
+                "args (RMSNorm / SwiGLU / RoPE: Llama; with biases on Q, K, V only: Qwen2; "
+                "ALiBi and an embedding LayerNorm, BigScience's: BLOOM) or "
                 "`--arch`. Both on-disk layouts (below)",
     "ds_inference": "DeepSpeed-Inference `save_mp_checkpoint_path` folders "
                     "(`ds_inference_config.json`, kernel-injected names)",

@@ -212,7 +212,9 @@ def test_real_megatron_llama_with_megatron_deepspeed_args(tmp_path, megatron_enu
 
 @pytest.mark.parametrize("changes, needle", [
     (dict(num_experts=[4]), r"mixture-of-experts layers \(args\.num_experts=\[4\]\)"),
-    (dict(embed_layernorm=True), r"a LayerNorm after the embedding"),
+    (dict(glu_activation="swiglu"), r"BigScience's GLU MLP"),
+    (dict(embed_layernorm=True), r"--embed-layernorm but the embedding has no "
+                                 r"word_embeddings.norm tensors"),
 ])
 def test_unsupported_megatron_deepspeed_features(tmp_path, megatron_enums, changes, needle):
     root = _real_llama_pipe(tmp_path, megatron_enums, **changes)
@@ -227,7 +229,8 @@ def test_alibi_position_enum_is_named(tmp_path, gpt2, megatron_enums):
     args = _plain(ranks[0]["args"], position_embedding_type=None)
     args.position_embedding_type = megatron_enums.alibi
     root = to_pipeline([r["model"] for r in ranks], tmp_path / "mds", args)
-    with pytest.raises(CheckpointError, match=r"position=alibi"):
+    with pytest.raises(CheckpointError, match=r"embedding norm=False\) do not fit "
+                                              r"BloomForCausalLM"):
         megatron.read(root, ReadOptions(vocab_size=VOCAB))
 
 
@@ -296,3 +299,91 @@ def test_missing_last_block_is_counted(gpt2_pipe):
     with pytest.raises(CheckpointError, match=r"layer_05-model_00-model_states.pt: missing; the "
                                               r"args say num_layers=3"):
         megatron.read(gpt2_pipe, ReadOptions(vocab_size=VOCAB))
+
+
+# ---- BLOOM as BigScience's Megatron-DeepSpeed trained it --------------------------------------
+
+def _bloom_rank(hf: Dict[str, torch.Tensor], tp: int, r: int, layers: int) -> List[dict]:
+    """TP rank r of an HF BLOOM state as the pipeline's layer dicts (Megatron-DeepSpeed names:
+    HF's BLOOM kept them): column-parallel rows (QKV per head, fc1) and row-parallel columns
+    (dense, fc2) cut, norms and row-parallel biases replicated, the vocabulary cut."""
+    def cut(t, dim):
+        return t.chunk(tp, dim)[r].clone()
+    emb = {"word_embeddings.weight": cut(hf["transformer.word_embeddings.weight"], 0),
+           "word_embeddings.norm.weight": hf["transformer.word_embeddings_layernorm.weight"],
+           "word_embeddings.norm.bias": hf["transformer.word_embeddings_layernorm.bias"]}
+    dims = {"self_attention.query_key_value": 0, "mlp.dense_h_to_4h": 0,
+            "self_attention.dense": 1, "mlp.dense_4h_to_h": 1}
+    blocks = []
+    for i in range(layers):
+        block = {}
+        for name, t in hf.items():
+            prefix = f"transformer.h.{i}."
+            if not name.startswith(prefix):
+                continue
+            key = name[len(prefix):]
+            module, part = key.rsplit(".", 1)
+            dim = dims.get(module)
+            split = dim is not None and not (part == "bias" and dim == 1)
+            block[key] = cut(t, dim if part == "weight" else 0) if split else t.clone()
+        blocks.append(block)
+    norm = {"weight": hf["transformer.ln_f.weight"], "bias": hf["transformer.ln_f.bias"]}
+    return [emb, *blocks, norm]
+
+
+def _bloom_pipe(tmp_path: Path, enums):
+    """A tiny HF BLOOM and its save as BigScience's Megatron-DeepSpeed writes it: TP 2, PP 2,
+    blocks from spec index 3, args with --embed-layernorm and the alibi position enum."""
+    model = hf_models.build("bloom", seed=7)
+    hf = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = model.config
+    tag = tmp_path / "bloom" / "global_step9"
+    tag.mkdir(parents=True)
+    args = argparse.Namespace(
+        num_layers=cfg.n_layer, hidden_size=cfg.hidden_size, num_attention_heads=cfg.n_head,
+        ffn_hidden_size=4 * cfg.hidden_size, kv_channels=cfg.hidden_size // cfg.n_head,
+        seq_length=64, max_position_embeddings=64, layernorm_epsilon=cfg.layer_norm_epsilon,
+        tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+        padded_vocab_size=cfg.vocab_size, embed_layernorm=True,
+        position_embedding_type=enums.alibi, glu_activation=None,
+        bias_gelu_fusion=True, openai_gelu=False, init_method_std=0.0048, fp16=True,
+        hidden_dropout=0.0, attention_dropout=0.0, pp_partition_method="type:transformer")
+    for r in range(2):
+        emb, *blocks, norm = _bloom_rank(hf, 2, r, cfg.n_layer)
+        files = {1: emb, **{3 + i: b for i, b in enumerate(blocks)}, 4 + len(blocks): norm}
+        for idx, layer in files.items():
+            torch.save(layer, tag / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
+        torch.save({"module": None, "args": args, "checkpoint_version": 3.0, "iteration": 9},
+                   tag / f"mp_rank_{r:02d}_model_states.pt")
+    (tag.parent / "latest").write_text(tag.name)
+    (tag.parent / "latest_checkpointed_iteration.txt").write_text("9")
+    return model, hf, tag.parent
+
+
+def test_bloom_from_bigscience_megatron_deepspeed(tmp_path, megatron_enums):
+    """BLOOM's layout (ALiBi, the embedding LayerNorm, tanh GELU, per-head fused QKV):
+    BloomForCausalLM's own tensors and its logits."""
+    model, hf, root = _bloom_pipe(tmp_path, megatron_enums)
+    ckpt = open_checkpoint(root)
+    assert ckpt.config["architectures"] == ["BloomForCausalLM"]
+    got = tensors(ckpt)
+    assert sorted(got) == sorted(hf) and all(torch.equal(got[n], hf[n]) for n in hf)
+    ids = hf_models.inputs(model)["input_ids"]
+    torch.testing.assert_close(logits(hf_model(ckpt.config, got), ids), logits(model, ids),
+                               rtol=0, atol=1e-5)
+
+
+def test_bloom_pipeline_save_serves_through_init_inference(tmp_path, megatron_enums):
+    """What a BLOOM user does: init_inference(checkpoint=<the Megatron-DeepSpeed save>) on an
+    empty BloomForCausalLM, with kernel injection: the trained model's logits."""
+    import transformers
+    import dsinfer
+    model, _, root = _bloom_pipe(tmp_path, megatron_enums)
+    with torch.device("meta"):
+        skeleton = transformers.BloomForCausalLM(model.config)
+    engine = dsinfer.init_inference(skeleton, dtype=torch.float32, checkpoint=str(root),
+                                    replace_with_kernel_inject=True)
+    ids = hf_models.inputs(model)["input_ids"]
+    with torch.no_grad():
+        got, want = engine.module(ids).logits, model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
