@@ -4,9 +4,16 @@
     LayerNorm: y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias
     RMSNorm:   y = h / sqrt(mean(h^2) + eps) * weight
 returns (y in x's dtype, h). One program normalizes one row in fp32; the row fits one block.
+
+In a decode step the kernel is pure latency (one row of a few KB), so with programmatic
+dependent launch it reads what the kernel before it cannot be writing ahead of its wait: the
+weight and bias always, the residual stream when the caller says it is older than that kernel
+(`residual_ready`: the blocks' residual comes from two or more kernels back). After the wait
+only x is left to load. NORM_PATHS["early"] = False loads everything after the wait (A/B).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -19,6 +26,7 @@ from ._triton import pdl_args, pdl_wait_then_release
 
 
 NORMS = ("layernorm", "rmsnorm")
+NORM_PATHS = {"early": os.environ.get("DSINFER_NORM_EARLY", "1") == "1"}
 
 
 @triton.jit
@@ -35,15 +43,27 @@ def _add_norm_kernel(
     RMS: tl.constexpr,            # RMSNorm (no mean subtraction, no bias) else LayerNorm
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,          # power of two >= H
+    EARLY: tl.constexpr = False,           # weight and bias read before the PDL wait
+    RESIDUAL_EARLY: tl.constexpr = False,  # the residual too (the caller vouches for it)
     PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
-    pdl_wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
+    if EARLY:
+        w = tl.load(w_ptr + cols, mask=mask & HAS_WEIGHT, other=1.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=mask & HAS_BIAS, other=0.0).to(tl.float32)
+    if RESIDUAL_EARLY:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask & HAS_RESIDUAL, other=0.0)
+    pdl_wait_then_release(PDL)
+    if not EARLY:
+        w = tl.load(w_ptr + cols, mask=mask & HAS_WEIGHT, other=1.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=mask & HAS_BIAS, other=0.0).to(tl.float32)
+    if not RESIDUAL_EARLY:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask & HAS_RESIDUAL, other=0.0)
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        h += tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h += r.to(tl.float32)
         h = h.to(h_ptr.dtype.element_ty)   # the stream keeps its dtype; normalize what is stored
         tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
         h = h.to(tl.float32)
@@ -56,9 +76,9 @@ def _add_norm_kernel(
         var = tl.sum(d * d, axis=0) / H
         y = d * tl.rsqrt(var + eps)
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * w
     if HAS_BIAS:
-        y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y + b
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -69,12 +89,14 @@ def _rows(t: torch.Tensor, h: int) -> torch.Tensor:
 
 def add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor] = None, eps: float = 1e-5, norm: str = "layernorm",
-             out: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
+             out: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None,
+             residual_ready: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual), x + residual) over the last dim; without residual, (norm(x), x).
 
     norm: "layernorm" (weight, bias optional) or "rmsnorm" (weight; bias must be None).
-    The normed output has x's dtype, the new residual the residual's dtype."""
+    The normed output has x's dtype, the new residual the residual's dtype. residual_ready:
+    no kernel launched since the one before this call writes `residual` (it may be read
+    before the PDL wait; see the module's note)."""
     if norm not in NORMS:
         raise ValueError(f"add_norm: unknown norm {norm!r}; known: {', '.join(NORMS)}")
     if norm == "rmsnorm" and bias is not None:
@@ -112,6 +134,8 @@ def add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
             H, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), eps,
             RMS=norm == "rmsnorm", HAS_RESIDUAL=residual is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=BLOCK,
+            EARLY=NORM_PATHS["early"],
+            RESIDUAL_EARLY=NORM_PATHS["early"] and residual_ready and residual is not None,
             num_warps=warps, **pdl_args(x2))
     return y, h
 

@@ -74,7 +74,9 @@ class FusedBlock:
 
     # ---------------------------------------------------------------- sub-blocks
     def _norm(self, x, residual, norm: Norm):
-        return kernels.add_norm(x, residual, norm[0], norm[1], self.cfg.eps, self.cfg.norm)
+        # the residual stream is always two or more kernels old here: readable before PDL's wait
+        return kernels.add_norm(x, residual, norm[0], norm[1], self.cfg.eps, self.cfg.norm,
+                                residual_ready=True)
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden] -> qkv [B, S, (Hq + 2 Hkv) D] in the adapter's layout (+ bias)."""

@@ -147,7 +147,8 @@ class FusedDecoder:
         if self.final_norm is not None:
             return kernels.add_norm(h if pending is None else pending,
                                     None if pending is None else h, *self.final_norm,
-                                    self.blocks[0].cfg.eps, self.blocks[0].cfg.norm)[0]
+                                    self.blocks[0].cfg.eps, self.blocks[0].cfg.norm,
+                                    residual_ready=True)[0]
         return h if pending is None else h + pending
 
     def step(self, positions, cache, start: int, S: int, key_mask, starts=None, lengths=None,

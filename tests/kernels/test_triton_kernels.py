@@ -264,6 +264,24 @@ def test_add_norm(norm, dtype, residual, affine, hidden, gen):
         assert h is x
 
 
+@pytest.mark.parametrize("early", [True, False])
+@pytest.mark.parametrize("norm, affine", [("layernorm", "weight+bias"), ("rmsnorm", "weight"),
+                                          ("layernorm", "none")])
+def test_add_norm_early_loads(norm, affine, early, gen, monkeypatch):
+    """Weight, bias and (residual_ready) the residual read before the PDL wait, or all after:
+    the same values, every output written."""
+    monkeypatch.setitem(norms.NORM_PATHS, "early", early)
+    shape, hidden = (3, 40), 40
+    x, r = randn(gen, *shape, dtype=torch.float16), randn(gen, *shape, dtype=torch.float16)
+    w = randn(gen, hidden, dtype=torch.float16) if affine != "none" else None
+    b = randn(gen, hidden, dtype=torch.float16) if affine == "weight+bias" else None
+    y, h = norms.add_norm(x, r, w, b, 1e-5, norm, out=poison(shape, torch.float16),
+                          residual_out=poison(shape, torch.float16), residual_ready=True)
+    y_ref, h_ref = norms.add_norm_ref(x, r, w, b, 1e-5, norm)
+    check(y, y_ref, torch.float16, gen[1], f"{norm} out")
+    check(h, h_ref, torch.float16, gen[1], f"{norm} residual")
+
+
 def test_add_norm_rejects():
     with pytest.raises(ValueError, match="unknown norm"):
         norms.add_norm(torch.zeros(2, 4), None, None, norm="batchnorm")
