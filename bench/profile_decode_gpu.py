@@ -177,9 +177,9 @@ def ab_paths(model, dec, args, a, tag) -> int:
         key, settings = a.ab, ("rule", "autotune")
     elif a.ab == "head_in_step":
         table, key, settings = DECODE_HEAD, "in_step", (False, True, False, True)
-    elif a.ab == "norm_early":               # add+norm's loads before the PDL wait, or after
-        from dsinfer.kernels import norms
-        table, key, settings = norms.NORM_PATHS, "early", (False, True, False, True)
+    elif a.ab == "early":                    # small kernels' loads before the PDL wait, or after
+        from dsinfer.kernels import _triton as T
+        table, key, settings = T.PDL, "early", (False, True, False, True)
     else:
         key = "int8_m1" if a.int8 else "fp_m_le_4"
         settings = ("gemv", "dot") if a.int8 else ("triton", "cublas")
@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     p.add_argument("--ab", nargs="?", const="path",
                    choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl",
                             "m1_tile", "head_in_step", "cache_hints", "w8_tile",
-                            "launch_bound", "norm_early"],
+                            "launch_bound", "early"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
@@ -368,8 +368,8 @@ def main(argv=None) -> int:
                         "session 10's 2-row / session 9's 4-row), twice each; "
                         "'launch_bound' the RoPE + cache-write and add+norm launches replaced "
                         "by nothing (wrong outputs: the bound on fusing them away); "
-                        "'norm_early' add+norm's weight / residual loads before the PDL wait "
-                        "or after it")
+                        "'early' the small kernels' loads of what the kernel before cannot "
+                        "write, before the PDL wait or after it")
     p.add_argument("--prefill", type=int, default=0, metavar="N",
                    help="instead of decode: one forward over an N-token prompt (batch 1), its "
                         "device time, host time and kernel table")

@@ -41,8 +41,14 @@ def use_triton(t: torch.Tensor) -> bool:
 # it off. The GEMVs can also ask L2 for the start of their weight strip before the wait
 # (`prefetch_l2`, DSINFER_PDL_PREFETCH=1): slower in the same runs (int8 3.433, fp16 5.176,
 # GPT-Neo 2.622), the prefetch competing with the running kernel's own weight stream; off.
+# "early": the small kernels (add+norm, RoPE + cache write) read what the kernel before them
+# cannot be writing (weights, tables, positions, an older residual) ahead of their wait, so
+# that only that kernel's output is left to load after it (DSINFER_PDL_EARLY=0: everything
+# after the wait). Decode attention does not: reading its first key block (minus the new
+# keys) before the wait made the step slower (bench/RESULTS.md, session 12).
 PDL = {"on": os.environ.get("DSINFER_PDL", "1") == "1",
-       "prefetch": os.environ.get("DSINFER_PDL_PREFETCH", "0") == "1"}   # the GEMVs' L2 asks
+       "prefetch": os.environ.get("DSINFER_PDL_PREFETCH", "0") == "1",   # the GEMVs' L2 asks
+       "early": os.environ.get("DSINFER_PDL_EARLY", "1") == "1"}
 _PDL_DEVICES: dict = {}
 
 

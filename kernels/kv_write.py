@@ -19,7 +19,7 @@ import torch
 
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import use_triton as _use_triton
-from ._triton import pdl_args, pdl_wait_then_release
+from ._triton import PDL, pdl_args, pdl_wait_then_release
 from .rotary import STYLES, apply_rotary_ref, rope_pairs
 
 LAYOUTS = ("packed", "per_head")
@@ -27,16 +27,25 @@ PREFILL_TOKENS = 16     # tokens a program of a multi-token call (see qkv_to_cac
 
 
 @triton.jit
-def _rotate(src, dst, cos_ptr, sin_ptr, pos, rows, stride_cos, D: tl.constexpr,
-            HALF: tl.constexpr, INTERLEAVED: tl.constexpr, COPY_REST: tl.constexpr,
-            BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """RoPE of head vectors src -> dst (may be src: both halves are loaded first); src, dst,
-    pos and rows (which rows are real) are [TOK, 1]; with COPY_REST the features past
-    rotary_dim are copied too (dst elsewhere)."""
+def _cos_sin(cos_ptr, sin_ptr, pos, rows, stride_cos, HALF: tl.constexpr,
+             BLOCK_HALF: tl.constexpr):
+    """The rows' cos, sin [TOK, BLOCK_HALF] at positions pos [TOK, 1] (0 past HALF)."""
     i = tl.arange(0, BLOCK_HALF)[None, :]
     i_mask = (i < HALF) & rows
     cos = tl.load(cos_ptr + pos * stride_cos + i, mask=i_mask, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_cos + i, mask=i_mask, other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def _rotate(src, dst, cos, sin, rows, D: tl.constexpr,
+            HALF: tl.constexpr, INTERLEAVED: tl.constexpr, COPY_REST: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """RoPE of head vectors src -> dst (may be src: both halves are loaded first); src, dst
+    and rows (which rows are real) are [TOK, 1], cos / sin [TOK, BLOCK_HALF] (_cos_sin); with
+    COPY_REST the features past rotary_dim are copied too (dst elsewhere)."""
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    i_mask = (i < HALF) & rows
     i1, i2 = rope_pairs(i, HALF, INTERLEAVED)
     x1 = tl.load(src + i1, mask=i_mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + i2, mask=i_mask, other=0.0).to(tl.float32)
@@ -59,9 +68,9 @@ def _qkv_cache_kernel(
     INTERLEAVED: tl.constexpr, PER_HEAD: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr,
     TOK: tl.constexpr,                          # tokens per program (1 in decode steps)
+    EARLY: tl.constexpr = False,  # positions, slot, cos / sin read before the PDL wait
     PDL: tl.constexpr = False,   # programmatic dependent launch (_triton.py)
 ):
-    pdl_wait_then_release(PDL)
     t = tl.program_id(0) * TOK + tl.arange(0, TOK)     # [TOK] tokens of the flat [B * S]
     sh = tl.program_id(1)                       # head slot: queries, then keys, then values
     real = t < n_tokens
@@ -69,20 +78,27 @@ def _qkv_cache_kernel(
     s = t % S
     rows = real[:, None]                        # [TOK, 1]
     row = (qkv_ptr + b.to(tl.int64) * stride_qb + s * stride_qs)[:, None]
+    # positions, slot and the cos / sin tables are written before the step's kernels (host
+    # copies, or the kernels before the first of a PDL chain): with EARLY read ahead of the
+    # wait, so that only qkv (the kernel before's output) is left to load after it
+    if not EARLY:
+        pdl_wait_then_release(PDL)
     pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=real, other=0)
     pos = pos.to(tl.int64)[:, None]
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, pos, rows & (HALF > 0), stride_cos, HALF, BLOCK_HALF)
+    slot = tl.load(slot_ptr).to(tl.int64) + s
+    if EARLY:
+        pdl_wait_then_release(PDL)
     if sh < H:                                  # query: rotated in place, nothing stored
         if HALF > 0:
             if PER_HEAD:
                 q = row + 3 * sh * D
             else:
                 q = row + sh * D
-            _rotate(q, q, cos_ptr, sin_ptr, pos, rows, stride_cos, D, HALF, INTERLEAVED,
-                    False, BLOCK_D, BLOCK_HALF)
+            _rotate(q, q, cos, sin, rows, D, HALF, INTERLEAVED, False, BLOCK_D, BLOCK_HALF)
     else:
         r = sh - H
         j = r % HKV
-        slot = tl.load(slot_ptr).to(tl.int64) + s
         at = (b.to(tl.int64) * stride_cb + j * stride_ch + slot * stride_cl)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         dm = (d < D) & rows
@@ -92,8 +108,8 @@ def _qkv_cache_kernel(
             else:
                 k = row + (H + j) * D
             if HALF > 0:
-                _rotate(k, k_ptr + at, cos_ptr, sin_ptr, pos, rows, stride_cos, D, HALF,
-                        INTERLEAVED, True, BLOCK_D, BLOCK_HALF)
+                _rotate(k, k_ptr + at, cos, sin, rows, D, HALF, INTERLEAVED, True, BLOCK_D,
+                        BLOCK_HALF)
             else:
                 tl.store(k_ptr + at + d, tl.load(k + d, mask=dm), mask=dm)
         else:                                   # value: copied into the cache
@@ -153,7 +169,7 @@ def qkv_to_cache(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             positions.stride(0), positions.stride(1), cos_t.stride(0) if rotary else 0,
             H=heads, HKV=kv_heads, D=head_dim, HALF=half, INTERLEAVED=style == "gptj",
             PER_HEAD=layout == "per_head", BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_HALF=triton.next_power_of_2(max(half, 1)), TOK=tok,
+            BLOCK_HALF=triton.next_power_of_2(max(half, 1)), TOK=tok, EARLY=PDL["early"],
             num_warps=1 if tok == 1 else 4, **pdl_args(qkv))
 
 

@@ -9,11 +9,10 @@ In a decode step the kernel is pure latency (one row of a few KB), so with progr
 dependent launch it reads what the kernel before it cannot be writing ahead of its wait: the
 weight and bias always, the residual stream when the caller says it is older than that kernel
 (`residual_ready`: the blocks' residual comes from two or more kernels back). After the wait
-only x is left to load. NORM_PATHS["early"] = False loads everything after the wait (A/B).
+only x is left to load. PDL["early"] = False (_triton.py) loads everything after the wait.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -22,11 +21,10 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON, tl, triton  # noqa: F401
 from ._triton import interpreting as _interpreting  # noqa: F401
 from ._triton import use_triton as _use_triton
-from ._triton import pdl_args, pdl_wait_then_release
+from ._triton import PDL, pdl_args, pdl_wait_then_release
 
 
 NORMS = ("layernorm", "rmsnorm")
-NORM_PATHS = {"early": os.environ.get("DSINFER_NORM_EARLY", "1") == "1"}
 
 
 @triton.jit
@@ -134,8 +132,8 @@ def add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
             H, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), eps,
             RMS=norm == "rmsnorm", HAS_RESIDUAL=residual is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=BLOCK,
-            EARLY=NORM_PATHS["early"],
-            RESIDUAL_EARLY=NORM_PATHS["early"] and residual_ready and residual is not None,
+            EARLY=PDL["early"],
+            RESIDUAL_EARLY=PDL["early"] and residual_ready and residual is not None,
             num_warps=warps, **pdl_args(x2))
     return y, h
 

@@ -270,7 +270,7 @@ def test_add_norm(norm, dtype, residual, affine, hidden, gen):
 def test_add_norm_early_loads(norm, affine, early, gen, monkeypatch):
     """Weight, bias and (residual_ready) the residual read before the PDL wait, or all after:
     the same values, every output written."""
-    monkeypatch.setitem(norms.NORM_PATHS, "early", early)
+    monkeypatch.setitem(norms.PDL, "early", early)
     shape, hidden = (3, 40), 40
     x, r = randn(gen, *shape, dtype=torch.float16), randn(gen, *shape, dtype=torch.float16)
     w = randn(gen, hidden, dtype=torch.float16) if affine != "none" else None
@@ -357,7 +357,9 @@ QKV_LAYOUTS = [("packed", 4, 2), ("packed", 3, 3), ("per_head", 3, 3)]
 @pytest.mark.parametrize("rope", [None, ("neox", 24), ("neox", 8), ("gptj", 12)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("S", [1, 3, 9])        # 9: 18 tokens, programs of 16 (one partial)
-def test_qkv_to_cache(layout, heads, kv_heads, rope, dtype, S, gen):
+@pytest.mark.parametrize("early", [True, False])  # positions, slot, cos / sin before PDL's wait
+def test_qkv_to_cache(layout, heads, kv_heads, rope, dtype, S, early, gen, monkeypatch):
+    monkeypatch.setitem(kv_write.PDL, "early", early)
     B, D, max_len, start = 2, 24, 16, 5
     qkv = randn(gen, B, S, (heads + 2 * kv_heads) * D, dtype=dtype)
     k_cache = randn(gen, B, kv_heads, max_len, D, dtype=dtype)   # other slots must stay
