@@ -265,7 +265,18 @@ class _Pool:
                 f.release()
 
 
-class _RankFile:
+class RankFileBase:
+    """What every rank-file view shares (this module's files, megatron_dist's merged view,
+    megatron_ds_pipe's layer files): `shapes` {native name: (shape, dtype)} and meta tensors
+    from it. Subclasses add path, args, version, iteration and tensor(name)."""
+    shapes: Dict[str, Tuple[tuple, torch.dtype]]
+
+    def meta(self, name: str) -> torch.Tensor:
+        shape, dtype = self.shapes[name]
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+
+class _RankFile(RankFileBase):
     """One mp_rank_XX[_YYY] model file: its args and version, and its tensors on demand."""
 
     def __init__(self, path: Path, pool: _Pool):
@@ -287,10 +298,6 @@ class _RankFile:
         t = self._model[name]
         self._pool.note(t.numel() * t.element_size())
         return t
-
-    def meta(self, name: str) -> torch.Tensor:
-        shape, dtype = self.shapes[name]
-        return torch.empty(shape, dtype=dtype, device="meta")
 
     def release(self):
         if self.mappable:

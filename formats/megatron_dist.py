@@ -338,7 +338,7 @@ class _Store:
 
 # ---- the checkpoint as one legacy rank file -------------------------------------------------
 
-class _DistFile:
+class _DistFile(megatron.RankFileBase):
     """megatron.py's rank-file interface (path, args, version, iteration, shapes, tensor, meta)
     over the global tensors: native names decoder.layers.{L}.<rest>, TP 1 layouts."""
 
@@ -373,10 +373,6 @@ class _DistFile:
     def tensor(self, name: str) -> torch.Tensor:
         pieces = [self.store.read(g, layer) for g, layer in self.parts[name]]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-
-    def meta(self, name: str) -> torch.Tensor:
-        shape, dtype = self.shapes[name]
-        return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def _order(native: str) -> Tuple[int, int]:

@@ -117,7 +117,7 @@ class _LayerFile:
         self._state = None
 
 
-class PipeRank:
+class PipeRank(megatron.RankFileBase):
     """megatron.py's rank-file interface over one TP rank's layer files."""
 
     def __init__(self, folder: Path, tp: int, files: Dict[int, Path], header: dict, pool):
@@ -152,10 +152,6 @@ class PipeRank:
         t = f.tensor(key)
         self._pool.note(t.numel() * t.element_size())
         return t
-
-    def meta(self, name: str) -> torch.Tensor:
-        shape, dtype = self.shapes[name]
-        return torch.empty(shape, dtype=dtype, device="meta")
 
     def release(self):
         for f in self._files:
