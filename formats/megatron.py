@@ -240,6 +240,22 @@ UNSUPPORTED = [
     ("rotary_percent", lambda v: v is not None and float(v) != 1.0, "partial RoPE"),
     ("rotary_seq_len_interpolation_factor", lambda v: v not in (None, 1, 1.0),
      "RoPE position interpolation"),
+    # newer megatron-core switches (their defaults: None / False / "vanilla" / 0)
+    ("window_size", lambda v: v is not None and tuple(v) != (-1, -1),
+     "sliding-window attention"),
+    ("attention_output_gate", bool, "a gate on the attention output"),
+    ("qk_l2_norm", bool, "L2-normalised queries and keys"),
+    ("layernorm_zero_centered_gamma", bool, "zero-centred norm weights"),
+    ("softmax_type", lambda v: v not in (None, "vanilla"), "a non-standard attention softmax"),
+    ("rope_type", lambda v: v not in (None, "rope"), "a RoPE variant (--rope-type)"),
+    ("mrope_section", lambda v: v is not None, "multimodal RoPE sections"),
+    ("no_rope_freq", lambda v: v not in (None, 0), "layers without RoPE (--no-rope-freq)"),
+    ("mtp_num_layers", bool, "multi-token-prediction layers"),
+    ("experimental_attention_variant", lambda v: v is not None, "an experimental attention"),
+    ("linear_attention_freq", lambda v: v is not None, "linear-attention layers"),
+    ("glu_linear_offset", lambda v: v not in (None, 0, 0.0), "an offset GLU (--glu-linear-offset)"),
+    ("activation_func_clamp_value", lambda v: v is not None, "a clamped activation"),
+    ("quick_geglu", bool, "quick GeGLU"),
 ]
 
 

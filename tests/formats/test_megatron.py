@@ -425,3 +425,43 @@ def test_unknown_tensor(gpt2_tp2):
         _rewrite(_rank_file(gpt2_tp2, r), edit)
     with pytest.raises(CheckpointError, match=r"'language_model.pooler.dense.weight' is not part"):
         megatron.read(gpt2_tp2, ReadOptions())
+
+
+# every feature no HF family here can express, as its args field turns it on: one line naming it
+UNSUPPORTED_ON = {
+    "num_experts": 8, "multi_latent_attention": True, "qk_layernorm": True,
+    "apply_layernorm_1p": True, "apply_residual_connection_post_layernorm": True,
+    "squared_relu": True, "rotary_interleaved": True, "use_rope_scaling": True,
+    "rotary_percent": 0.5, "rotary_seq_len_interpolation_factor": 4, "window_size": (4095, 0),
+    "attention_output_gate": True, "qk_l2_norm": True, "layernorm_zero_centered_gamma": True,
+    "softmax_type": "learnable", "rope_type": "yarn", "mrope_section": [16, 24, 24],
+    "no_rope_freq": 4, "mtp_num_layers": 1, "experimental_attention_variant": "dsa",
+    "linear_attention_freq": 4, "glu_linear_offset": 1.0, "activation_func_clamp_value": 7.0,
+    "quick_geglu": True, "glu_activation": "swiglu", "embed_layernorm": None,
+}
+
+
+def test_every_unsupported_feature_is_covered():
+    assert {f for f, _, _ in megatron.UNSUPPORTED} == \
+        {f for f, v in UNSUPPORTED_ON.items() if v is not None}
+
+
+@pytest.mark.parametrize("field", [f for f, v in UNSUPPORTED_ON.items() if v is not None])
+def test_unsupported_feature(field, gpt2_tp2):
+    def edit(state):
+        setattr(state["args"], field, UNSUPPORTED_ON[field])
+    _rewrite(_rank_file(gpt2_tp2, 0), edit)
+    with pytest.raises(CheckpointError, match=rf"mp_rank_00/model_optim_rng.pt: the model uses "
+                                              rf".*\(args\.{field}="):
+        megatron.read(gpt2_tp2, ReadOptions())
+
+
+@pytest.mark.parametrize("field, value", [("window_size", None), ("window_size", (-1, -1)),
+                                          ("softmax_type", "vanilla"), ("rope_type", "rope"),
+                                          ("num_experts", [1]), ("glu_linear_offset", 0.0),
+                                          ("no_rope_freq", 0), ("mtp_num_layers", None)])
+def test_features_off_are_accepted(field, value, gpt2_tp2):
+    def edit(state):
+        setattr(state["args"], field, value)
+    _rewrite(_rank_file(gpt2_tp2, 0), edit)
+    megatron.read(gpt2_tp2, ReadOptions())
