@@ -206,6 +206,20 @@ BLOOM_NAMES = {   # Megatron-DeepSpeed's own names, under transformer.; QKV per 
     "lnf.bias": [("transformer.ln_f.bias", "same")],
     "head.weight": [("lm_head.weight", "same")],
 }
+_NEOX = "gpt_neox.layers.{L}."
+GPT_NEOX_NAMES = {   # the same per-head fused QKV as BLOOM; RoPE (partial or not) in the config
+    "wte.weight": [("gpt_neox.embed_in.weight", "same")],
+    **{f"{role}.{p}": [(_NEOX + name + "." + p, pick)] for p in ("weight", "bias")
+       for role, name, pick in (("ln1", "input_layernorm", "same"),
+                                ("qkv", "attention.query_key_value", "per_head"),
+                                ("proj", "attention.dense", "same"),
+                                ("ln2", "post_attention_layernorm", "same"),
+                                ("fc1", "mlp.dense_h_to_4h", "same"),
+                                ("fc2", "mlp.dense_4h_to_h", "same"))},
+    "lnf.weight": [("gpt_neox.final_layer_norm.weight", "same")],
+    "lnf.bias": [("gpt_neox.final_layer_norm.bias", "same")],
+    "head.weight": [("embed_out.weight", "same")],
+}
 _ATTN, _MLP = "model.layers.{L}.self_attn.", "model.layers.{L}.mlp."
 LLAMA_NAMES = {
     "wte.weight": [("model.embed_tokens.weight", "same")],
@@ -237,7 +251,6 @@ UNSUPPORTED = [
     ("squared_relu", bool, "a squared-ReLU MLP"),
     ("rotary_interleaved", bool, "interleaved RoPE"),
     ("use_rope_scaling", bool, "Llama-3.1 RoPE scaling"),
-    ("rotary_percent", lambda v: v is not None and float(v) != 1.0, "partial RoPE"),
     ("rotary_seq_len_interpolation_factor", lambda v: v not in (None, 1, 1.0),
      "RoPE position interpolation"),
     # newer megatron-core switches (their defaults: None / False / "vanilla" / 0)
@@ -534,6 +547,7 @@ class _Spec:
     gated: bool          # SwiGLU
     gelu: str            # HF activation for a plain MLP: "gelu_new" (tanh) | "gelu" (erf)
     position: str        # "learned_absolute" | "rope" | "alibi" | ...
+    rotary_percent: float  # of head_dim rotated (the first features, rotate-half pairs)
     embed_norm: bool     # a LayerNorm after the word embeddings (BLOOM)
     bias: str            # which linears have biases: "all" | "none" | "qkv" | "mixed"
     tied: bool
@@ -552,6 +566,7 @@ class _Spec:
         return {"norm": self.norm, "mlp": "swiglu" if self.gated else "gelu",
                 "position": self.position, "bias": self.bias,
                 "activation": "silu" if self.gated else self.gelu,
+                "rotary percent": self.rotary_percent if self.position == "rope" else 1.0,
                 "query groups": self.groups != self.heads, "embedding norm": self.embed_norm,
                 "head_dim * heads == hidden": self.head_dim * self.heads == self.hidden}
 
@@ -581,6 +596,7 @@ def _spec(args, roles: Dict[str, Pieces], version: float, options: ReadOptions,
         norm=_norm(args), gated=bool(_arg(args, "swiglu", False)),
         gelu=_gelu(args, "layers.0.fc1.bias" in roles), position=_position(args),
         embed_norm="wte_norm.weight" in roles,
+        rotary_percent=float(_arg(args, "rotary_percent", 1.0)),
         bias=_bias(roles), tied=not _arg(args, "untie_embeddings_and_output_weights", False),
         rope_theta=float(_arg(args, "rotary_base", _arg(args, "rope_theta", 10000))),
         dtype=wte[0][0].shapes[wte[0][1]][1], version=version,
@@ -706,6 +722,24 @@ def _bloom_config(s: _Spec) -> dict:
     }
 
 
+def _gpt_neox_config(s: _Spec) -> dict:
+    """A sequential GPT-NeoX: LayerNorm, GELU, RoPE on the first rotary_percent of each head
+    (rotate-half, as Megatron), biases everywhere. Legacy rotary keys for transformers 4."""
+    return {
+        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox",
+        "vocab_size": s.vocab, "hidden_size": s.hidden, "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads, "intermediate_size": s.ffn, "hidden_act": s.gelu,
+        "max_position_embeddings": s.max_positions, "layer_norm_eps": s.eps,
+        "use_parallel_residual": False, "attention_bias": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": s.rope_theta,
+                            "partial_rotary_factor": s.rotary_percent},
+        "rotary_pct": s.rotary_percent, "rotary_emb_base": s.rope_theta,
+        "hidden_dropout": s.hidden_dropout, "attention_dropout": s.attention_dropout,
+        "initializer_range": s.init_std, "tie_word_embeddings": s.tied,
+        "torch_dtype": _dtype_name(s.dtype),
+    }
+
+
 def _qwen2_config(s: _Spec) -> dict:
     """Llama with biases on Q, K and V only (Megatron's --add-qkv-bias --disable-bias-linear)."""
     return {
@@ -735,28 +769,38 @@ FAMILIES = {
         "embedding norm": (False,)}, _gpt2_config),
     "llama": Family("LlamaForCausalLM", LLAMA_NAMES, {
         "norm": ("RMSNorm",), "mlp": ("swiglu",), "position": ("rope",),
-        "bias": ("all", "none"), "embedding norm": (False,)}, _llama_config),
+        "bias": ("all", "none"), "embedding norm": (False,), "rotary percent": (1.0,)},
+        _llama_config),
     "qwen2": Family("Qwen2ForCausalLM", LLAMA_NAMES, {   # HF Qwen2 derives head_dim
         "norm": ("RMSNorm",), "mlp": ("swiglu",), "position": ("rope",), "bias": ("qkv",),
-        "head_dim * heads == hidden": (True,), "embedding norm": (False,)}, _qwen2_config),
+        "head_dim * heads == hidden": (True,), "embedding norm": (False,),
+        "rotary percent": (1.0,)}, _qwen2_config),
     "bloom": Family("BloomForCausalLM", BLOOM_NAMES, {
         "norm": ("LayerNorm",), "mlp": ("gelu",), "activation": ("gelu_new",),
         "position": ("alibi",), "bias": ("all",), "query groups": (False,),
         "head_dim * heads == hidden": (True,), "embedding norm": (True,)}, _bloom_config),
+    "gpt_neox": Family("GPTNeoXForCausalLM", GPT_NEOX_NAMES, {
+        "norm": ("LayerNorm",), "mlp": ("gelu",), "position": ("rope",), "bias": ("all",),
+        "query groups": (False,), "head_dim * heads == hidden": (True,),
+        "embedding norm": (False,)}, _gpt_neox_config),
 }
 ARCH_ALIASES = {"gpt2": "gpt2", "gpt2lmheadmodel": "gpt2",
                 "llama": "llama", "llamaforcausallm": "llama",
                 "qwen2": "qwen2", "qwen2forcausallm": "qwen2",
-                "bloom": "bloom", "bloomforcausallm": "bloom"}
+                "bloom": "bloom", "bloomforcausallm": "bloom",
+                "gpt_neox": "gpt_neox", "gptneoxforcausallm": "gpt_neox"}
 
 
 def _family(s: _Spec, arch: Optional[str], where: Path) -> Family:
-    if arch is None:
+    if arch is None:       # the first family the features fit, else the nearest (for the error)
         f = s.features()
-        llama = f["norm"] == "RMSNorm" or f["mlp"] == "swiglu" or f["position"] == "rope" \
-            or f["query groups"]
+        fits = [k for k, fam in FAMILIES.items()
+                if all(f[feature] in allowed for feature, allowed in fam.requires.items())]
+        llama = f["norm"] == "RMSNorm" or f["mlp"] == "swiglu" or f["query groups"]
         bloom = f["position"] == "alibi" or f["embedding norm"]
-        key = ("qwen2" if s.bias == "qkv" else "llama") if llama else "bloom" if bloom else "gpt2"
+        rope = "gpt_neox" if f["position"] == "rope" else "gpt2"
+        key = fits[0] if fits else ("qwen2" if s.bias == "qkv" else "llama") if llama \
+            else "bloom" if bloom else rope
     elif arch.lower() in ARCH_ALIASES:
         key = ARCH_ALIASES[arch.lower()]
     else:

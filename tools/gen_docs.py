@@ -179,7 +179,8 @@ READER_NOTES = {
                 "`mp_rank_XX_model_states.pt`, and with pipeline stages one "
                 "`layer_XX-model_YY-model_states.pt` per layer); the family is detected from the "
                 "args (RMSNorm / SwiGLU / RoPE: Llama; with biases on Q, K, V only: Qwen2; "
-                "ALiBi and an embedding LayerNorm, BigScience's: BLOOM) or "
+                "ALiBi and an embedding LayerNorm, BigScience's: BLOOM; LayerNorm / GELU / "
+                "RoPE, whole or partial: a sequential GPT-NeoX) or "
                 "`--arch`. Both on-disk layouts (below)",
     "ds_inference": "DeepSpeed-Inference `save_mp_checkpoint_path` folders "
                     "(`ds_inference_config.json`, kernel-injected names)",

@@ -432,7 +432,7 @@ UNSUPPORTED_ON = {
     "num_experts": 8, "multi_latent_attention": True, "qk_layernorm": True,
     "apply_layernorm_1p": True, "apply_residual_connection_post_layernorm": True,
     "squared_relu": True, "rotary_interleaved": True, "use_rope_scaling": True,
-    "rotary_percent": 0.5, "rotary_seq_len_interpolation_factor": 4, "window_size": (4095, 0),
+    "rotary_percent": None, "rotary_seq_len_interpolation_factor": 4, "window_size": (4095, 0),
     "attention_output_gate": True, "qk_l2_norm": True, "layernorm_zero_centered_gamma": True,
     "softmax_type": "learnable", "rope_type": "yarn", "mrope_section": [16, 24, 24],
     "no_rope_freq": 4, "mtp_num_layers": 1, "experimental_attention_variant": "dsa",
@@ -465,3 +465,15 @@ def test_features_off_are_accepted(field, value, gpt2_tp2):
         setattr(state["args"], field, value)
     _rewrite(_rank_file(gpt2_tp2, 0), edit)
     megatron.read(gpt2_tp2, ReadOptions())
+
+
+def test_partial_rope_does_not_fit_llama(tmp_path, source_model):
+    """rotary_percent < 1 is GPT-NeoX's partial RoPE; Llama rotates whole heads."""
+    _, want, config = source_model("llama_kv2")
+    root = write_megatron(tmp_path / "ckpt", want, config, tp=1)
+
+    def edit(state):
+        state["args"].rotary_percent = 0.5
+    _rewrite(root / ITER / "mp_rank_00" / "model_optim_rng.pt", edit)
+    with pytest.raises(CheckpointError, match=r"rotary percent=0.5\) do not fit LlamaForCausalLM"):
+        megatron.read(root, ReadOptions())

@@ -303,32 +303,68 @@ def test_missing_last_block_is_counted(gpt2_pipe):
 
 # ---- BLOOM as BigScience's Megatron-DeepSpeed trained it --------------------------------------
 
-def _bloom_rank(hf: Dict[str, torch.Tensor], tp: int, r: int, layers: int) -> List[dict]:
-    """TP rank r of an HF BLOOM state as the pipeline's layer dicts (Megatron-DeepSpeed names:
-    HF's BLOOM kept them): column-parallel rows (QKV per head, fc1) and row-parallel columns
-    (dense, fc2) cut, norms and row-parallel biases replicated, the vocabulary cut."""
+# HF names of the families whose blocks keep Megatron's own keys (per-head fused QKV):
+# embedding keys, block prefix and key renames, final norm prefix, untied head
+HF_PIPE_NAMES = {
+    "bloom": ({"word_embeddings.weight": "transformer.word_embeddings.weight",
+               "word_embeddings.norm.weight": "transformer.word_embeddings_layernorm.weight",
+               "word_embeddings.norm.bias": "transformer.word_embeddings_layernorm.bias"},
+              "transformer.h.{i}.", (), "transformer.ln_f.", None),
+    "gpt_neox": ({"word_embeddings.weight": "gpt_neox.embed_in.weight"},
+                 "gpt_neox.layers.{i}.", (("attention.", "self_attention."),),
+                 "gpt_neox.final_layer_norm.", "embed_out.weight"),
+}
+
+
+def _hf_rank(hf: Dict[str, torch.Tensor], family: str, tp: int, r: int, layers: int):
+    """TP rank r of an HF BLOOM / GPT-NeoX state as the pipeline's layer dicts (Megatron's
+    names): column-parallel rows (QKV per head, fc1, vocabulary) and row-parallel columns
+    (dense, fc2) cut, norms and row-parallel biases replicated."""
+    emb_names, block, renames, final, head = HF_PIPE_NAMES[family]
+
     def cut(t, dim):
         return t.chunk(tp, dim)[r].clone()
-    emb = {"word_embeddings.weight": cut(hf["transformer.word_embeddings.weight"], 0),
-           "word_embeddings.norm.weight": hf["transformer.word_embeddings_layernorm.weight"],
-           "word_embeddings.norm.bias": hf["transformer.word_embeddings_layernorm.bias"]}
+    emb = {k: (cut(hf[n], 0) if k == "word_embeddings.weight" else hf[n])
+           for k, n in emb_names.items()}
     dims = {"self_attention.query_key_value": 0, "mlp.dense_h_to_4h": 0,
             "self_attention.dense": 1, "mlp.dense_4h_to_h": 1}
     blocks = []
     for i in range(layers):
-        block = {}
+        out, prefix = {}, block.format(i=i)
         for name, t in hf.items():
-            prefix = f"transformer.h.{i}."
             if not name.startswith(prefix):
                 continue
             key = name[len(prefix):]
+            for old, new in renames:
+                key = key.replace(old, new)
             module, part = key.rsplit(".", 1)
             dim = dims.get(module)
             split = dim is not None and not (part == "bias" and dim == 1)
-            block[key] = cut(t, dim if part == "weight" else 0) if split else t.clone()
-        blocks.append(block)
-    norm = {"weight": hf["transformer.ln_f.weight"], "bias": hf["transformer.ln_f.bias"]}
-    return [emb, *blocks, norm]
+            out[key] = cut(t, dim if part == "weight" else 0) if split else t.clone()
+        blocks.append(out)
+    layers_ = [emb, *blocks, {"weight": hf[final + "weight"], "bias": hf[final + "bias"]}]
+    head = head and next(n for n in (head, "lm_head.weight") if n in hf)  # transformers 5.2x
+    return layers_ + ([{"lm_head.weight": cut(hf[head], 0)}] if head else [])
+
+
+def _write_hf_pipe(tag: Path, hf, family: str, args, tp: int = 2, first_block: int = 3):
+    """The HF state as a Megatron-DeepSpeed pipeline save under `tag` (blocks from spec index
+    `first_block`, one parameter-free spec before the final norm)."""
+    tag.mkdir(parents=True)
+    for r in range(tp):
+        emb, *rest = _hf_rank(hf, family, tp, r, args.num_layers)
+        blocks, tail = rest[:args.num_layers], rest[args.num_layers:]
+        files = {1: emb, **{first_block + i: b for i, b in enumerate(blocks)}}
+        files.update({first_block + len(blocks) + 1 + j: t for j, t in enumerate(tail)})
+        for idx, layer in files.items():
+            torch.save(layer, tag / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
+        torch.save({"module": None, "args": args, "checkpoint_version": 3.0,
+                    "iteration": int(tag.name.removeprefix("global_step"))},
+                   tag / f"mp_rank_{r:02d}_model_states.pt")
+    (tag.parent / "latest").write_text(tag.name)
+    (tag.parent / "latest_checkpointed_iteration.txt").write_text(
+        tag.name.removeprefix("global_step"))
+    return tag.parent
 
 
 def _bloom_pipe(tmp_path: Path, enums):
@@ -337,8 +373,6 @@ def _bloom_pipe(tmp_path: Path, enums):
     model = hf_models.build("bloom", seed=7)
     hf = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = model.config
-    tag = tmp_path / "bloom" / "global_step9"
-    tag.mkdir(parents=True)
     args = argparse.Namespace(
         num_layers=cfg.n_layer, hidden_size=cfg.hidden_size, num_attention_heads=cfg.n_head,
         ffn_hidden_size=4 * cfg.hidden_size, kv_channels=cfg.hidden_size // cfg.n_head,
@@ -348,16 +382,7 @@ def _bloom_pipe(tmp_path: Path, enums):
         position_embedding_type=enums.alibi, glu_activation=None,
         bias_gelu_fusion=True, openai_gelu=False, init_method_std=0.0048, fp16=True,
         hidden_dropout=0.0, attention_dropout=0.0, pp_partition_method="type:transformer")
-    for r in range(2):
-        emb, *blocks, norm = _bloom_rank(hf, 2, r, cfg.n_layer)
-        files = {1: emb, **{3 + i: b for i, b in enumerate(blocks)}, 4 + len(blocks): norm}
-        for idx, layer in files.items():
-            torch.save(layer, tag / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
-        torch.save({"module": None, "args": args, "checkpoint_version": 3.0, "iteration": 9},
-                   tag / f"mp_rank_{r:02d}_model_states.pt")
-    (tag.parent / "latest").write_text(tag.name)
-    (tag.parent / "latest_checkpointed_iteration.txt").write_text("9")
-    return model, hf, tag.parent
+    return model, hf, _write_hf_pipe(tmp_path / "bloom" / "global_step9", hf, "bloom", args)
 
 
 def test_bloom_from_bigscience_megatron_deepspeed(tmp_path, megatron_enums):
@@ -387,3 +412,48 @@ def test_bloom_pipeline_save_serves_through_init_inference(tmp_path, megatron_en
     with torch.no_grad():
         got, want = engine.module(ids).logits, model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt_neox_style_megatron_model(tmp_path):
+    """A Megatron GPT with LayerNorm, GELU, biases and partial RoPE (--position-embedding-type
+    rope --rotary-percent 0.5), untied: a sequential GPTNeoXForCausalLM, bit-exact, its
+    logits, and the same served by init_inference(checkpoint=<the save>) with injection."""
+    model = hf_models.build("gpt_neox", seed=11, use_parallel_residual=False,
+                            hidden_act="gelu_new", tie_word_embeddings=False,
+                            rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
+                                             "partial_rotary_factor": 0.5})
+    hf = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = model.config
+    args = argparse.Namespace(
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.intermediate_size,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads, seq_length=64,
+        max_position_embeddings=cfg.max_position_embeddings,
+        layernorm_epsilon=cfg.layer_norm_eps, tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=1, padded_vocab_size=cfg.vocab_size,
+        normalization="LayerNorm", position_embedding_type="rope", rotary_percent=0.5,
+        rotary_base=5000, swiglu=False, bias_gelu_fusion=True, openai_gelu=False,
+        untie_embeddings_and_output_weights=True, init_method_std=0.02, hidden_dropout=0.0,
+        attention_dropout=0.0)
+    root = _write_hf_pipe(tmp_path / "neox" / "global_step3", hf, "gpt_neox", args,
+                          first_block=2)
+    ckpt = open_checkpoint(root)
+    assert ckpt.config["architectures"] == ["GPTNeoXForCausalLM"]
+    got = tensors(ckpt)
+    # on disk the head is embed_out.weight (Pythia's name); newer transformers call the module
+    # lm_head and rename at load
+    if "lm_head.weight" in hf:
+        got["lm_head.weight"] = got.pop("embed_out.weight")
+    assert sorted(got) == sorted(hf) and all(torch.equal(got[n], hf[n]) for n in hf)
+    ids = hf_models.inputs(model)["input_ids"]
+    torch.testing.assert_close(logits(hf_model(ckpt.config, got), ids), logits(model, ids),
+                               rtol=0, atol=1e-5)
+    import transformers
+    import dsinfer
+    with torch.device("meta"):
+        skeleton = transformers.GPTNeoXForCausalLM(model.config)
+    engine = dsinfer.init_inference(skeleton, dtype=torch.float32, checkpoint=str(root),
+                                    replace_with_kernel_inject=True)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.module(ids).logits, model(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
