@@ -190,36 +190,34 @@ GPT2_NAMES = {
     "lnf.bias": [("transformer.ln_f.bias", "same")],
     "head.weight": [("lm_head.weight", "same")],
 }
-_BLOCK = "transformer.h.{L}."
-BLOOM_NAMES = {   # Megatron-DeepSpeed's own names, under transformer.; QKV per head [q k v]
-    "wte.weight": [("transformer.word_embeddings.weight", "same")],
-    "wte_norm.weight": [("transformer.word_embeddings_layernorm.weight", "same")],
-    "wte_norm.bias": [("transformer.word_embeddings_layernorm.bias", "same")],
-    **{f"{role}.{p}": [(_BLOCK + name + "." + p, pick)] for p in ("weight", "bias")
-       for role, name, pick in (("ln1", "input_layernorm", "same"),
-                                ("qkv", "self_attention.query_key_value", "per_head"),
-                                ("proj", "self_attention.dense", "same"),
-                                ("ln2", "post_attention_layernorm", "same"),
-                                ("fc1", "mlp.dense_h_to_4h", "same"),
-                                ("fc2", "mlp.dense_4h_to_h", "same"))},
-    "lnf.weight": [("transformer.ln_f.weight", "same")],
-    "lnf.bias": [("transformer.ln_f.bias", "same")],
-    "head.weight": [("lm_head.weight", "same")],
-}
-_NEOX = "gpt_neox.layers.{L}."
-GPT_NEOX_NAMES = {   # the same per-head fused QKV as BLOOM; RoPE (partial or not) in the config
-    "wte.weight": [("gpt_neox.embed_in.weight", "same")],
-    **{f"{role}.{p}": [(_NEOX + name + "." + p, pick)] for p in ("weight", "bias")
-       for role, name, pick in (("ln1", "input_layernorm", "same"),
-                                ("qkv", "attention.query_key_value", "per_head"),
-                                ("proj", "attention.dense", "same"),
-                                ("ln2", "post_attention_layernorm", "same"),
-                                ("fc1", "mlp.dense_h_to_4h", "same"),
-                                ("fc2", "mlp.dense_4h_to_h", "same"))},
-    "lnf.weight": [("gpt_neox.final_layer_norm.weight", "same")],
-    "lnf.bias": [("gpt_neox.final_layer_norm.bias", "same")],
-    "head.weight": [("embed_out.weight", "same")],
-}
+
+
+def _megatron_blocks(embed: str, block: str, attention: str, lnf: str, head: str,
+                     **extra: str) -> Dict[str, List[Tuple[str, str]]]:
+    """Role table of a family that kept Megatron's block names (BLOOM, GPT-NeoX): `block`
+    ({L} = layer) + input_layernorm, <attention>.query_key_value (per-head [q k v] rows),
+    <attention>.dense, post_attention_layernorm, mlp.dense_h_to_4h / dense_4h_to_h; every
+    weight with its bias; `extra`: role -> HF name, taken as is."""
+    parts = (("ln1", "input_layernorm", "same"),
+             ("qkv", f"{attention}.query_key_value", "per_head"),
+             ("proj", f"{attention}.dense", "same"), ("ln2", "post_attention_layernorm", "same"),
+             ("fc1", "mlp.dense_h_to_4h", "same"), ("fc2", "mlp.dense_4h_to_h", "same"))
+    names = {f"{role}.{p}": [(f"{block}{name}.{p}", pick)] for p in ("weight", "bias")
+             for role, name, pick in parts}
+    names.update({"wte.weight": [(embed, "same")], "head.weight": [(head, "same")],
+                  "lnf.weight": [(f"{lnf}.weight", "same")], "lnf.bias": [(f"{lnf}.bias", "same")]})
+    names.update({role: [(name, "same")] for role, name in extra.items()})
+    return names
+
+
+BLOOM_NAMES = _megatron_blocks(   # Megatron-DeepSpeed's own names under transformer.
+    "transformer.word_embeddings.weight", "transformer.h.{L}.", "self_attention",
+    "transformer.ln_f", "lm_head.weight",
+    **{"wte_norm.weight": "transformer.word_embeddings_layernorm.weight",
+       "wte_norm.bias": "transformer.word_embeddings_layernorm.bias"})
+GPT_NEOX_NAMES = _megatron_blocks(  # RoPE (partial or not) lives in the config
+    "gpt_neox.embed_in.weight", "gpt_neox.layers.{L}.", "attention",
+    "gpt_neox.final_layer_norm", "embed_out.weight")
 _ATTN, _MLP = "model.layers.{L}.self_attn.", "model.layers.{L}.mlp."
 LLAMA_NAMES = {
     "wte.weight": [("model.embed_tokens.weight", "same")],
