@@ -9,6 +9,7 @@ every layer of the model's spec list in a file of its own, per TP rank:
 `idx` is the layer's place in the spec list, which also holds parameter-free entries (dtype
 casts, transposes) whose number differs between Megatron-DeepSpeed versions (BigScience's
 starts the blocks at 3, microsoft's at 2), so files are told apart by their keys:
+    (nothing)   a parameter-free module's empty state dict: skipped
     embedding   word_embeddings.weight [, position_embeddings.weight]   (EmbeddingPipe)
     block       input_layernorm.*, self_attention.*, post_attention_layernorm.*, mlp.*
     final norm  weight [, bias]                                        (LayerNorm / RMSNorm)
@@ -49,6 +50,10 @@ def is_pipe_folder(folder: Path) -> bool:
 # ---- which spec layer a file holds -------------------------------------------------------------
 # kind -> (does a key set belong to it, native name of a key); checked in this order
 
+def _is_empty(keys) -> bool:     # a parameter-free module DeepSpeed saved anyway
+    return not keys
+
+
 def _is_embedding(keys) -> bool:
     return "word_embeddings.weight" in keys
 
@@ -65,8 +70,8 @@ def _is_block(keys) -> bool:
     return bool(keys) and all(BLOCK_KEY.fullmatch(k) for k in keys)
 
 
-KINDS = (("embedding", _is_embedding), ("head", _is_head), ("final_norm", _is_final_norm),
-         ("block", _is_block))
+KINDS = (("empty", _is_empty), ("embedding", _is_embedding), ("head", _is_head),
+         ("final_norm", _is_final_norm), ("block", _is_block))
 NATIVE = {  # kind -> native legacy name of one key ({L}: the block's index among the blocks)
     "embedding": lambda k, L: f"language_model.embedding.{k}",
     "head_copy": lambda k, L: ("language_model.word_embeddings_for_head.weight"
@@ -171,7 +176,7 @@ def _check_order(folder: Path, tp: int, kinds: Dict[int, str]) -> List[int]:
             raise CheckpointError(f"{folder / f'layer_{idx:02d}-{name}-model_states.pt'}: "
                                   "missing between the transformer block files; copy every "
                                   "layer file of the checkpoint")
-        if kinds[idx] != "block":
+        if kinds[idx] not in ("block", "empty"):
             raise CheckpointError(f"{folder / f'layer_{idx:02d}-{name}-model_states.pt'}: a "
                                   f"{kinds[idx].replace('_', ' ')} between transformer blocks; "
                                   f"the folder mixes checkpoints: {CONVERTER}")

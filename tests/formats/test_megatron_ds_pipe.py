@@ -248,6 +248,21 @@ def test_rotary_buffers_and_non_tensors_in_blocks_are_skipped(gpt2_pipe, gpt2):
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_parameter_free_layers_are_skipped(gpt2_pipe, gpt2):
+    """DeepSpeed saves an empty state dict for a parameter-free module in the spec list:
+    before the embedding, between blocks (its index then sits between theirs) or at the end."""
+    _, want, _ = gpt2
+    tag = _tag(gpt2_pipe)
+    for r in (0, 1):     # blocks 3, 4, 5 -> 3, 5, 6 with an empty layer 4; norm 7 -> 8
+        for src, dst in ((7, 8), (5, 6), (4, 5)):
+            (tag / f"layer_{src:02d}-model_{r:02d}-model_states.pt").rename(
+                tag / f"layer_{dst:02d}-model_{r:02d}-model_states.pt")
+        for idx in (0, 4, 9):
+            torch.save({}, tag / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
+    got = tensors(megatron.read(gpt2_pipe, ReadOptions(vocab_size=VOCAB)))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
 def test_cli_reshards_it(gpt2_pipe, tmp_path, gpt2):
     _, want, _ = gpt2
     out = tmp_path / "out"
