@@ -163,8 +163,7 @@ PICK = {
     "t": lambda m, s: m.t(),  # Linear [out, in] -> Conv1D [in, out]
     "q": _q, "k": _k, "v": _v,
     "qkv": _qkv_cat,
-    "per_head": lambda m, s: m.reshape(-1, *m.shape[3:]),  # [heads, 3, hn, *in]: BLOOM's fused
-
+    "per_head": lambda m, s: m.reshape(-1, *m.shape[3:]),  # [heads, 3, hn, *in]: BLOOM, NeoX
     "qkv_t": lambda m, s: _qkv_cat(m, s).t(),
     "gate": lambda m, s: m.chunk(2, 0)[0],
     "up": lambda m, s: m.chunk(2, 0)[1],
