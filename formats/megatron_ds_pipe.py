@@ -135,9 +135,9 @@ class PipeRank(megatron.RankFileBase):
         layers = {idx: _LayerFile(p) for idx, p in sorted(files.items())}
         kinds = {idx: _kind(f.path, set(f.shapes)) for idx, f in layers.items()}
         blocks = _check_order(folder, tp, kinds)
-        want = getattr(self.args, "num_layers", None)
+        want = megatron._arg(self.args, "num_layers")
         if want is not None and len(blocks) < want:
-            missing = folder / f"layer_{blocks[-1] + 1:02d}-model_{tp:02d}-model_states.pt"
+            missing = _file(folder, blocks[-1] + 1, tp)
             raise CheckpointError(f"{missing}: missing; the args say num_layers={want} but the "
                                   f"folder has {len(blocks)} transformer block files: copy every "
                                   "layer file of the checkpoint")
@@ -163,21 +163,24 @@ class PipeRank(megatron.RankFileBase):
             f.release()
 
 
+def _file(folder: Path, idx: int, tp: int) -> Path:
+    return folder / f"layer_{idx:02d}-model_{tp:02d}-model_states.pt"
+
+
 def _check_order(folder: Path, tp: int, kinds: Dict[int, str]) -> List[int]:
     """The blocks' spec indices, checked: one embedding before them, consecutive blocks (a gap is
     a missing file), the final norm and an untied head after them."""
     blocks = [idx for idx, k in kinds.items() if k == "block"]
-    name = f"model_{tp:02d}"
     if not blocks:
-        raise CheckpointError(f"{folder}: no transformer block files (layer_XX-{name}-"
+        raise CheckpointError(f"{folder}: no transformer block files (layer_XX-model_{tp:02d}-"
                               "model_states.pt); copy every layer file of the checkpoint")
     for idx in range(blocks[0], blocks[-1] + 1):
         if idx not in kinds:
-            raise CheckpointError(f"{folder / f'layer_{idx:02d}-{name}-model_states.pt'}: "
+            raise CheckpointError(f"{_file(folder, idx, tp)}: "
                                   "missing between the transformer block files; copy every "
                                   "layer file of the checkpoint")
         if kinds[idx] not in ("block", "empty"):
-            raise CheckpointError(f"{folder / f'layer_{idx:02d}-{name}-model_states.pt'}: a "
+            raise CheckpointError(f"{_file(folder, idx, tp)}: a "
                                   f"{kinds[idx].replace('_', ' ')} between transformer blocks; "
                                   f"the folder mixes checkpoints: {CONVERTER}")
     for kind, before in (("embedding", True), ("final_norm", False), ("head", False)):
@@ -186,7 +189,7 @@ def _check_order(folder: Path, tp: int, kinds: Dict[int, str]) -> List[int]:
                 continue                                # the tied head's copy, if saved
             if (idx < blocks[0]) != before:
                 raise CheckpointError(
-                    f"{folder / f'layer_{idx:02d}-{name}-model_states.pt'}: a "
+                    f"{_file(folder, idx, tp)}: a "
                     f"{kind.replace('_', ' ')} {'after' if not before else 'before'} the blocks "
                     f"is expected, not here; the folder mixes checkpoints: {CONVERTER}")
     return blocks
@@ -225,8 +228,8 @@ def open_folder(folder: Path, pool) -> Tuple[List["PipeRank"], dict]:
     found = _layer_files(folder)
     path, header = _header(folder)
     args = header.get("args")
-    tp = getattr(args, "tensor_model_parallel_size", None) or 1 + max(found)
-    pp = getattr(args, "pipeline_model_parallel_size", None) or 1
+    tp = megatron._arg(args, "tensor_model_parallel_size", 1 + max(found))
+    pp = megatron._arg(args, "pipeline_model_parallel_size", 1)
     extra = sorted(t for t in found if t >= tp)
     if extra:
         raise CheckpointError(f"{folder}: layer files of TP rank {extra[0]} but the args of "
