@@ -193,18 +193,22 @@ class _Meta:
     sd: dict
 
 
-def _load_states(path: Path, loaded: Optional[Dict[Path, Any]] = None) -> dict:
+def _load_states(path: Path, loaded: Optional[Dict[Path, Any]] = None,
+                 merged: bool = False) -> dict:
+    """merged: the weights come from elsewhere, already TP-merged (a universal checkpoint), so
+    a TP rank's model states are fine."""
     sd = loaded[path] if loaded and path in loaded else load_pt(path)
     if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
         raise CheckpointError(f"{path}: not a DeepSpeed model-states file (no 'module' state "
                               "dict); point dsinfer at the save folder holding 'latest'")
-    if (sd.get("mp_world_size") or 1) > 1:
+    if (sd.get("mp_world_size") or 1) > 1 and not merged:
         _tp_error(path)
     return sd
 
 
-def _meta(paths: List[Path], loaded: Optional[Dict[Path, Any]] = None) -> _Meta:
-    sds = [_load_states(p, loaded) for p in paths]
+def _meta(paths: List[Path], loaded: Optional[Dict[Path, Any]] = None,
+          merged: bool = False) -> _Meta:
+    sds = [_load_states(p, loaded, merged) for p in paths]
     sd = sds[0]
     # a model wrapped in another module saves every name with a `module.` prefix
     wrapped = bool(sd["module"]) and all(k.startswith("module.") for k in sd["module"])

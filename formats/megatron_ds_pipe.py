@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -131,24 +131,12 @@ class PipeRank(megatron.RankFileBase):
         self.version = header.get("checkpoint_version")
         self.iteration = header.get("iteration")
         self.mappable = True
-        self._where: Dict[str, Tuple[_LayerFile, str]] = {}   # native name -> (file, key)
         layers = {idx: _LayerFile(p) for idx, p in sorted(files.items())}
-        kinds = {idx: _kind(f.path, set(f.shapes)) for idx, f in layers.items()}
-        blocks = _check_order(folder, tp, kinds)
-        want = megatron._arg(self.args, "num_layers")
-        if want is not None and len(blocks) < want:
-            missing = _file(folder, blocks[-1] + 1, tp)
-            raise CheckpointError(f"{missing}: missing; the args say num_layers={want} but the "
-                                  f"folder has {len(blocks)} transformer block files: copy every "
-                                  "layer file of the checkpoint")
-        for idx, f in layers.items():
-            kind = kinds[idx]
-            if kind == "embedding" and blocks and idx > blocks[-1]:
-                kind = "head_copy"
-            for key in f.shapes:
-                native = NATIVE[kind](key, blocks.index(idx) if kind == "block" else None)
-                if native is not None:
-                    self._where[native] = (f, key)
+        natives = native_names({idx: list(f.shapes) for idx, f in layers.items()}, self.args,
+                               lambda idx: _file(folder, idx, tp),
+                               f"{folder}: no transformer block files (layer_XX-model_{tp:02d}-"
+                               "model_states.pt)", "layer file")
+        self._where = {n: (layers[idx], key) for n, (idx, key) in natives.items()}
         self._files = list(layers.values())
         self.shapes = {n: f.shapes[k] for n, (f, k) in self._where.items()}
 
@@ -167,31 +155,54 @@ def _file(folder: Path, idx: int, tp: int) -> Path:
     return folder / f"layer_{idx:02d}-model_{tp:02d}-model_states.pt"
 
 
-def _check_order(folder: Path, tp: int, kinds: Dict[int, str]) -> List[int]:
+def native_names(keys: Dict[int, List[str]], args, where: Callable[[int], Path], no_blocks: str,
+                 unit: str) -> Dict[str, Tuple[int, str]]:
+    """One TP rank's spec layers {spec index: its keys} -> {native legacy name: (index, key)}.
+
+    Layers are classified by their keys and checked in order (below); `where(index)` names a
+    layer in messages, `no_blocks` starts the message for a rank without blocks and `unit`
+    ("layer file", "parameter") is what a missing layer is."""
+    kinds = {idx: _kind(where(idx), set(ks)) for idx, ks in sorted(keys.items())}
+    blocks = _check_order(kinds, where, no_blocks, unit)
+    want = megatron._arg(args, "num_layers")
+    if want is not None and len(blocks) < want:
+        raise CheckpointError(f"{where(blocks[-1] + 1)}: missing; the args say num_layers={want} "
+                              f"but there are {len(blocks)} transformer blocks: copy every "
+                              f"{unit} of the checkpoint")
+    out: Dict[str, Tuple[int, str]] = {}
+    for idx, kind in kinds.items():
+        if kind == "embedding" and idx > blocks[-1]:
+            kind = "head_copy"
+        for key in keys[idx]:
+            native = NATIVE[kind](key, blocks.index(idx) if kind == "block" else None)
+            if native is not None:
+                out[native] = (idx, key)
+    return out
+
+
+def _check_order(kinds: Dict[int, str], where: Callable[[int], Path], no_blocks: str,
+                 unit: str) -> List[int]:
     """The blocks' spec indices, checked: one embedding before them, consecutive blocks (a gap is
-    a missing file), the final norm and an untied head after them."""
+    a missing layer), the final norm and an untied head after them."""
     blocks = [idx for idx, k in kinds.items() if k == "block"]
     if not blocks:
-        raise CheckpointError(f"{folder}: no transformer block files (layer_XX-model_{tp:02d}-"
-                              "model_states.pt); copy every layer file of the checkpoint")
+        raise CheckpointError(f"{no_blocks}; copy every {unit} of the checkpoint")
     for idx in range(blocks[0], blocks[-1] + 1):
         if idx not in kinds:
-            raise CheckpointError(f"{_file(folder, idx, tp)}: "
-                                  "missing between the transformer block files; copy every "
-                                  "layer file of the checkpoint")
+            raise CheckpointError(f"{where(idx)}: missing between the transformer blocks; copy "
+                                  f"every {unit} of the checkpoint")
         if kinds[idx] not in ("block", "empty"):
-            raise CheckpointError(f"{_file(folder, idx, tp)}: a "
-                                  f"{kinds[idx].replace('_', ' ')} between transformer blocks; "
-                                  f"the folder mixes checkpoints: {CONVERTER}")
+            raise CheckpointError(f"{where(idx)}: a {kinds[idx].replace('_', ' ')} between "
+                                  f"transformer blocks; the folder mixes checkpoints: {CONVERTER}")
     for kind, before in (("embedding", True), ("final_norm", False), ("head", False)):
         for idx in (i for i, k in kinds.items() if k == kind):
             if kind == "embedding" and idx > blocks[-1]:
                 continue                                # the tied head's copy, if saved
             if (idx < blocks[0]) != before:
                 raise CheckpointError(
-                    f"{_file(folder, idx, tp)}: a "
-                    f"{kind.replace('_', ' ')} {'after' if not before else 'before'} the blocks "
-                    f"is expected, not here; the folder mixes checkpoints: {CONVERTER}")
+                    f"{where(idx)}: a {kind.replace('_', ' ')} "
+                    f"{'after' if not before else 'before'} the blocks is expected, not here; "
+                    f"the folder mixes checkpoints: {CONVERTER}")
     return blocks
 
 

@@ -5,12 +5,10 @@ reading of the same weights; megatron-core's real files re-packed give the oracl
 from __future__ import annotations
 
 import argparse
-import enum
 import subprocess
 import sys
-import types
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 import torch
@@ -23,91 +21,12 @@ from dsinfer.formats.safe_pickle import load_pt
 from helpers import hf_models
 from helpers.checkpoints import hf_model, logits
 from helpers.checkpoints import load_tensors as tensors
+from helpers.megatron_deepspeed import (install_enums, legacy_ranks, mds_llama_args,
+                                        plain_args, to_pipeline)
 from helpers.megatron_writer import write_megatron
 
 MEGATRON = FIXTURES / "megatron"
 VOCAB = 100
-PLAIN = (int, float, str, bool, type(None), list, tuple, dict)
-# megatron-core names -> the legacy block keys Megatron-DeepSpeed's layers save
-MCORE_TO_LEGACY = (("self_attention.linear_qkv.", "self_attention.query_key_value."),
-                   ("self_attention.linear_proj.", "self_attention.dense."),
-                   ("pre_mlp_layernorm.", "post_attention_layernorm."),
-                   ("mlp.linear_fc1.", "mlp.dense_h_to_4h."),
-                   ("mlp.linear_fc2.", "mlp.dense_4h_to_h."))
-
-
-def _flat(d: dict, prefix: str = "") -> Dict[str, torch.Tensor]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif isinstance(v, torch.Tensor):
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _split(flat: Dict[str, torch.Tensor]):
-    """Legacy or megatron-core names of one TP rank -> (embedding, [block dicts], final norm,
-    head) as the pipeline's layers hold them."""
-    emb, blocks, norm, head = {}, {}, {}, {}
-    for name, t in flat.items():
-        name = name.removeprefix("language_model.")
-        parts = name.split(".")
-        if parts[0] == "embedding":
-            emb[".".join(parts[1:])] = t
-        elif parts[0] in ("encoder", "decoder") and parts[1] == "layers":
-            key = ".".join(parts[3:])
-            for old, new in MCORE_TO_LEGACY:
-                key = key.replace(old, new)
-            blocks.setdefault(int(parts[2]), {})[key] = t
-        elif parts[0] in ("encoder", "decoder") and parts[1] == "final_layernorm":
-            norm[parts[2]] = t
-        elif parts[0] == "output_layer":
-            head["lm_head.weight"] = t
-    return emb, [blocks[i] for i in sorted(blocks)], norm, head
-
-
-def to_pipeline(rank_states: List[dict], root: Path, args, version: float = 3.0,
-                first_block: int = 3, step: int = 5, head_copy: bool = False) -> Path:
-    """Write TP ranks' model dicts as DeepSpeed's PipelineModule saves a GPTModelPipe: embedding
-    at spec index 1, blocks from `first_block` (BigScience 3, microsoft 2), one parameter-free
-    spec, the final norm, then an untied head (or, with `head_copy`, the tied embedding again,
-    as some DeepSpeed versions save it)."""
-    tag = root / f"global_step{step}"
-    tag.mkdir(parents=True)
-    for r, state in enumerate(rank_states):
-        emb, blocks, norm, head = _split(_flat(state))
-        layers = {1: emb}
-        layers.update({first_block + i: b for i, b in enumerate(blocks)})
-        end = first_block + len(blocks) + 1
-        layers[end] = norm
-        if head:
-            layers[end + 1] = head
-        elif head_copy:
-            layers[end + 1] = {"word_embeddings.weight": emb["word_embeddings.weight"]}
-        for idx, tensors_ in layers.items():
-            torch.save({k: t.clone() for k, t in tensors_.items()},
-                       tag / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
-        torch.save({"module": None, "args": args, "checkpoint_version": version,
-                    "iteration": step, "dp_world_size": 1, "mp_world_size": len(rank_states),
-                    "ds_version": "0.14.0", "global_steps": step},
-                   tag / f"mp_rank_{r:02d}_model_states.pt")
-    (root / "latest").write_text(tag.name)
-    (root / "latest_checkpointed_iteration.txt").write_text(str(step))
-    return root
-
-
-def _plain(args, **changes) -> argparse.Namespace:
-    """args with the inert stand-ins of megatron classes as strings (so that they pickle again
-    here), edited by `changes` (None deletes a field)."""
-    a = {k: v if isinstance(v, PLAIN) else str(v) for k, v in vars(args).items()}
-    a.update(changes)
-    return argparse.Namespace(**{k: v for k, v in a.items() if v is not None})
-
-
-def _legacy_ranks(folder: Path, tp: int) -> List[dict]:
-    (it,) = [p for p in folder.iterdir() if p.is_dir()]
-    return [load_pt(it / f"mp_rank_{r:02d}" / "model_optim_rng.pt") for r in range(tp)]
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +40,8 @@ def gpt2():
 def gpt2_pipe(tmp_path, gpt2):
     _, want, config = gpt2
     write_megatron(tmp_path / "legacy", want, config, tp=2, names="new")
-    ranks = _legacy_ranks(tmp_path / "legacy", 2)
-    args = _plain(ranks[0]["args"], pipeline_model_parallel_size=3)
+    ranks = legacy_ranks(tmp_path / "legacy", 2)
+    args = plain_args(ranks[0]["args"], pipeline_model_parallel_size=3)
     return to_pipeline([r["model"] for r in ranks], tmp_path / "mds", args)
 
 
@@ -152,44 +71,21 @@ def test_tag_folder_through_the_deepspeed_reader(gpt2_pipe, gpt2):
 def test_saved_copy_of_the_tied_head_is_dropped(tmp_path, gpt2):
     _, want, config = gpt2
     write_megatron(tmp_path / "legacy", want, config, tp=1, names="new")
-    ranks = _legacy_ranks(tmp_path / "legacy", 1)
-    root = to_pipeline([r["model"] for r in ranks], tmp_path / "mds", _plain(ranks[0]["args"]),
+    ranks = legacy_ranks(tmp_path / "legacy", 1)
+    root = to_pipeline([r["model"] for r in ranks], tmp_path / "mds", plain_args(ranks[0]["args"]),
                        first_block=2, head_copy=True)
     got = tensors(megatron.read(root, ReadOptions(vocab_size=VOCAB)))
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
 
 
-class PositionEmbeddingType(enum.Enum):   # BigScience Megatron-DeepSpeed's megatron/enums.py
-    rotary = 1
-    absolute = 2
-    alibi = 3
-
-
 @pytest.fixture
 def megatron_enums(monkeypatch):
-    """The enum pickled under Megatron-DeepSpeed's module path, as its args hold it."""
-    pkg, mod = types.ModuleType("megatron"), types.ModuleType("megatron.enums")
-    mod.PositionEmbeddingType = PositionEmbeddingType
-    monkeypatch.setattr(PositionEmbeddingType, "__module__", "megatron.enums")
-    monkeypatch.setitem(sys.modules, "megatron", pkg)
-    monkeypatch.setitem(sys.modules, "megatron.enums", mod)
-    return PositionEmbeddingType
-
-
-def _mds_llama_args(args, **changes):
-    """megatron-core's stored args as Megatron-DeepSpeed spells them for a Llama run
-    (--normalization rmsnorm --num-key-value-heads --use-rotary-position-embeddings
-    --rope-theta; position_embedding_type left at its enum default; dense num_experts [1])."""
-    mds = dict(normalization="rmsnorm", num_key_value_heads=args.num_query_groups,
-               group_query_attention=None, num_query_groups=None, rotary_base=None,
-               rope_theta=float(args.rotary_base), use_rotary_position_embeddings=True,
-               num_experts=[1], position_embedding_type=None)
-    return _plain(args, **{**mds, **changes})
+    return install_enums(monkeypatch)
 
 
 def _real_llama_pipe(tmp_path, enums, **changes) -> Path:
-    ranks = _legacy_ranks(MEGATRON / "llama_tp2", 2)
-    args = _mds_llama_args(ranks[0]["args"], **changes)
+    ranks = legacy_ranks(MEGATRON / "llama_tp2", 2)
+    args = mds_llama_args(ranks[0]["args"], **changes)
     args.position_embedding_type = enums.absolute
     return to_pipeline([r["model"] for r in ranks], tmp_path / "mds", args, first_block=2)
 
@@ -225,8 +121,8 @@ def test_unsupported_megatron_deepspeed_features(tmp_path, megatron_enums, chang
 def test_alibi_position_enum_is_named(tmp_path, gpt2, megatron_enums):
     _, want, config = gpt2
     write_megatron(tmp_path / "legacy", want, config, tp=1, names="new")
-    ranks = _legacy_ranks(tmp_path / "legacy", 1)
-    args = _plain(ranks[0]["args"], position_embedding_type=None)
+    ranks = legacy_ranks(tmp_path / "legacy", 1)
+    args = plain_args(ranks[0]["args"], position_embedding_type=None)
     args.position_embedding_type = megatron_enums.alibi
     root = to_pipeline([r["model"] for r in ranks], tmp_path / "mds", args)
     with pytest.raises(CheckpointError, match=r"embedding norm=False\) do not fit "
@@ -284,7 +180,7 @@ def _tag(root: Path) -> Path:
     (lambda t: (t / "layer_04-model_01-model_states.pt").unlink(),
      r"layer 04 exists for one TP rank but not another"),
     (lambda t: [(t / f"layer_04-model_{r:02d}-model_states.pt").unlink() for r in (0, 1)],
-     r"layer_04-model_00-model_states.pt: missing between the transformer block files"),
+     r"layer_04-model_00-model_states.pt: missing between the transformer blocks"),
     (lambda t: [p.unlink() for p in t.glob("layer_*-model_01-*")],
      r"no layer files of TP rank 1 .*the args say TP 2"),
     (lambda t: [p.unlink() for p in t.glob("mp_rank_*")],
