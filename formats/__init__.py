@@ -21,6 +21,7 @@ READERS = {
     "dsinfer": "dsinfer_format",
     "descriptor": "descriptor",          # DeepSpeed tutorial checkpoint.json / ds_inference_config.json
     "ds_inference": "ds_inference",      # a folder holding ds_inference_config.json
+    "ds_universal": "ds_universal",      # deepspeed.checkpoint.ds_to_universal's output
     "megatron": "megatron",
     "deepspeed": "deepspeed",
     "hf": "hf",
@@ -47,7 +48,8 @@ def detect(path: Path) -> str:
     raise CheckpointError(
         f"{path}: not a checkpoint dsinfer recognises (looked for dsinfer.json, config.json with "
         "model weights, latest_checkpointed_iteration.txt / mp_rank_XX, a DeepSpeed 'latest' / "
-        "global_stepN, or a checkpoint.json descriptor); pass --from "
+        "global_stepN or 'latest_universal' / zero/<param>/fp32.pt, or a checkpoint.json "
+        "descriptor); pass --from "
         f"{{{','.join(READERS)}}} to force one")
 
 

@@ -163,6 +163,7 @@ READER_ARCHS: Dict[str, Callable] = {
     "hf": _all,              # canonical names are HF names: any architecture with a spec
     "dsinfer": _all,         # dsinfer's own output, whatever it came from
     "deepspeed": _all,       # the module's own (HF) names, with the model's config.json beside
+    "ds_universal": _all,    # the same, or Megatron-DeepSpeed's names (formats/megatron.py's)
     "megatron": _megatron,   # formats/megatron.py FAMILIES
     "ds_inference": _ds_inference,  # formats/ds_inference.py ARCHS (kernel-injected name tables)
     "descriptor": _descriptor,      # formats/descriptor.py HANDLERS: by "type"
@@ -174,6 +175,10 @@ READER_NOTES = {
     "dsinfer": "a dsinfer folder (`dsinfer.json`), float or int8, any TP degree",
     "deepspeed": "DeepSpeed training saves (`latest`, `global_stepN/`, ZeRO 0-3); the model's "
                  "HF `config.json` must be in the tag folder, the save folder or its parent",
+    "ds_universal": "DeepSpeed universal checkpoints (`ds_to_universal`: `latest_universal`, "
+                    "`zero/<param>/fp32.pt`), ZeRO 1-3, any training TP / PP: of a model "
+                    "trained with DeepSpeed (its `config.json` beside, as for `deepspeed`) or "
+                    "of Megatron-DeepSpeed (GPTModel or GPTModelPipe; the `megatron` families)",
     "megatron": "Megatron-LM legacy and megatron-core GPT checkpoints, any TP x PP, and "
                 "Megatron-DeepSpeed saves (`latest` + `global_stepN/`: "
                 "`mp_rank_XX_model_states.pt`, and with pipeline stages one "

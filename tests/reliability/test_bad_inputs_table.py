@@ -281,6 +281,16 @@ def megatron_deepspeed_pipeline(b: Bench):
 
 
 @case
+def universal_parameter_missing(b: Bench):
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "ds_universal" / "gpt2_zero2"
+    src = Path(shutil.copytree(fixture, b.dir / "run"))
+    (src / "global_step1_universal" / "zero" / "transformer.h.0.ln_1.weight" / "fp32.pt").unlink()
+    return Row("DeepSpeed universal checkpoint with one parameter's fp32.pt gone",
+               *b.run("reshard", src, "--tp", 2, "--out", b.dir / "out"),
+               ("transformer.h.0.ln_1.weight/fp32.pt: missing",), out=b.dir / "out")
+
+
+@case
 def heads_not_divisible(b: Bench):
     return Row("GPT-2 (8 heads) to TP 3", *b.run("reshard", b.src["gpt2"], "--tp", 3, "--out",
                                                  b.dir / "out"),

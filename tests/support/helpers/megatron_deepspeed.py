@@ -138,13 +138,26 @@ def _pipe_names(state: dict, first_block: int, tied: bool) -> Dict[str, torch.Te
     return out
 
 
+def _gptmodel_names(state: dict) -> Dict[str, torch.Tensor]:
+    """Megatron-DeepSpeed's GPTModel parameter names (legacy, under language_model.)."""
+    emb, blocks, norm, head = split_layers(flat(state))
+    out = {f"language_model.embedding.{k}": t for k, t in emb.items()}
+    for i, block in enumerate(blocks):
+        out.update({f"language_model.encoder.layers.{i}.{k}": t for k, t in block.items()})
+    out.update({f"language_model.encoder.final_layernorm.{k}": t for k, t in norm.items()})
+    if head:
+        out["language_model.output_layer.weight"] = head["lm_head.weight"]
+    return out
+
+
 def to_universal(rank_states: List[dict], root: Path, args, vocab: int, pipe: bool,
                  first_block: int = 2, step: int = 7, version: float = 3.0) -> Path:
     """ROOT/global_step{step}_universal and ROOT/latest_universal, as ds_to_universal writes
     them for a Megatron-DeepSpeed run of these TP ranks (GPTModelPipe's names with `pipe`,
     GPTModel's otherwise); `vocab` = the tokenizer's size (original_vocab_size)."""
     tied = not getattr(args, "untie_embeddings_and_output_weights", False)
-    names = [_pipe_names(s, first_block, tied) if pipe else flat(s) for s in rank_states]
+    names = [_pipe_names(s, first_block, tied) if pipe else _gptmodel_names(s)
+             for s in rank_states]
     tag = root / f"global_step{step}_universal"
     swiglu = bool(getattr(args, "swiglu", False))
     for name in names[0]:
