@@ -107,7 +107,8 @@ def _tag_folder(path: Path) -> Path:
 def _states_files(tag: Path) -> List[Path]:
     """mp_rank_00_model_states.pt (ZeRO 1-2; other TP ranks' copies add nothing), else every
     zero_pp_rank_R_mp_rank_00_model_states.pt found (ZeRO-3: frozen parameters are cut across
-    them; _read_module checks them against the data-parallel size)."""
+    them; _read_module checks their number against the data-parallel size). Files of other TP
+    ranks (mp_rank_01, ...) are copies the merged weights do not need."""
     names = {p.name: p for p in tag.iterdir()}
     mp = sorted(n for n in names if deepspeed.MODEL_FILE.fullmatch(n))
     if mp:
@@ -120,9 +121,13 @@ def _states_files(tag: Path) -> List[Path]:
                               "tag; copy it from there")
     for r in range(max(ranks) + 1):
         if r not in ranks:
-            raise CheckpointError(f"{tag / f'zero_pp_rank_{r}_mp_rank_00_model_states.pt'}: "
-                                  "missing; copy every rank's model states from the source tag")
+            _missing_rank(tag, r)
     return [ranks[r] for r in sorted(ranks)]
+
+
+def _missing_rank(tag: Path, r: int):
+    raise CheckpointError(f"{tag / f'zero_pp_rank_{r}_mp_rank_00_model_states.pt'}: missing; "
+                          "copy every data-parallel rank's model states from the source tag")
 
 
 def _params(tag: Path) -> Dict[str, Path]:
@@ -166,8 +171,8 @@ def _ref(name: str, path: Path, shape: Optional[tuple]) -> TensorRef:
 def _read_module(tag: Path, files: List[Path], header: dict, params: Dict[str, Path]
                  ) -> Checkpoint:
     zero3 = deepspeed.ZERO_FILE.fullmatch(files[0].name) is not None
-    if zero3:                                      # every data-parallel rank's model states
-        files = deepspeed._rank_files(tag, "model", header.get("dp_world_size"))
+    if zero3 and len(files) < (header.get("dp_world_size") or 1):
+        _missing_rank(tag, len(files))
     meta = deepspeed._meta(files, {files[0]: header}, merged=True)
     if params and all(n.startswith("module.") for n in params):   # a wrapped model's names
         params = {n[len("module."):]: p for n, p in params.items()}

@@ -84,6 +84,19 @@ def test_the_source_tag_is_read_first(tmp_path):
     _assert_masters(open_checkpoint(root), _reference("gpt2_zero2"))
 
 
+def test_tensor_parallel_training_run(tmp_path):
+    """A run with TP 2 (DeepSpeed AutoTP): the converter merged the slices and copied both TP
+    ranks' model states, whose mp_world_size is 2; the merged masters are read, not refused."""
+    root = Path(shutil.copytree(UNIVERSAL / "gpt2_zero2", tmp_path / "run"))
+    states = root / TAG / "mp_rank_00_model_states.pt"
+    sd = dict(load_pt(states))
+    sd["mp_world_size"] = 2
+    for r in (0, 1):   # saved aside, then renamed: `sd` maps the old file's pages
+        torch.save(sd, root / "states.pt")
+        (root / "states.pt").replace(root / TAG / f"mp_rank_{r:02d}_model_states.pt")
+    _assert_masters(open_checkpoint(root), _reference("gpt2_zero2"))
+
+
 def test_cli_reshards_it_and_init_inference_serves_it(tmp_path):
     import dsinfer
     root, ref = UNIVERSAL / "gpt2_zero3", _reference("gpt2_zero3")
@@ -120,7 +133,7 @@ DAMAGE = [
     ("gpt2_zero2", lambda t: (t / "mp_rank_00_model_states.pt").unlink(),
      r"no mp_rank_00_model_states.pt .*which ds_to_universal copies from the source tag"),
     ("gpt2_zero3", lambda t: (t / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink(),
-     r"zero_pp_rank_1_mp_rank_00_model_states.pt: missing ZeRO partition file"),
+     r"zero_pp_rank_1_mp_rank_00_model_states.pt: missing; copy every data-parallel rank's"),
     ("gpt2_zero3", _damage_zero3_shape,
      r"c_fc.weight/fp32.pt: 5 values, but the model states give the parameter the shape "
      r"\[64, 256\]"),
