@@ -165,8 +165,6 @@ def ab_paths(model, dec, args, a, tag) -> int:
         return ab_pdl(model, dec, args, a, tag)
     if a.ab == "launch_bound":
         return ab_launch_bound(model, dec, args, a, tag)
-    if a.ab == "key_bound":
-        return ab_key_bound(model, dec, args, a, tag)
     table = G.DECODE_PATHS
     if a.ab in ("act_epilogue", "balanced_rows"):
         key, settings = a.ab, (True, False)
@@ -192,7 +190,7 @@ def ab_paths(model, dec, args, a, tag) -> int:
         table[key] = path
         dec.graphs.reset()
         gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
-        g = dec.graphs.latest(a.batch)
+        g = dec.graphs.graphs[a.batch]
         with torch.inference_mode():
             toks = D.generate(model, ids, 32)
         first = toks if first is None else first
@@ -228,7 +226,7 @@ def ab_pdl(model, dec, args, a, tag) -> int:
         T.PDL.update(on=on, prefetch=pf)
         dec.graphs.reset()
         gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
-        g = dec.graphs.latest(a.batch)
+        g = dec.graphs.graphs[a.batch]
         with torch.inference_mode():   # the same greedy tokens either way (graphs replayed)
             toks = D.generate(model, ids, 32)
         first = toks if first is None else first
@@ -263,36 +261,12 @@ def ab_launch_bound(model, dec, args, a, tag) -> int:
             K.add_norm = no_norm if name in ("no_add_norm", "neither") else real["norm"]
             dec.graphs.reset()
             gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
-            g = dec.graphs.latest(a.batch)
+            g = dec.graphs.graphs[a.batch]
             record(what="ab", setting="launch_bound", path=name, default=name == "as_is",
                    ms_per_token=gen["ms_per_token"],
                    graph_ms=round(events_ms(g.graph.replay, a.steps), 3), **tag)
     finally:
         K.qkv_to_cache, K.add_norm = real["qkv"], real["norm"]
-    return 0
-
-
-def ab_key_bound(model, dec, args, a, tag) -> int:
-    """Decode graphs per key bound (inject/cache.py key_bound: a short sequence's attention
-    is one split without the combine kernel), then the whole buffer as the bound (the grid
-    sessions 1-12 ran), twice over, graphs recaptured: ms/token, graph ms, greedy tokens."""
-    from dsinfer.inject.cache import KVBuffers
-    default = KVBuffers.KEY_BUCKET
-    ids = D.prompt(model.config.vocab_size, a.batch, args.prompt, args.seed, args.device)
-    first = None
-    for bucket in (default, 1 << 30) * 2:
-        KVBuffers.KEY_BUCKET = bucket
-        dec.graphs.reset()
-        gen = D.decode_ms(model, model.config.vocab_size, a.batch, args, full_warmup=True)
-        g = dec.graphs.latest(a.batch)
-        with torch.inference_mode():
-            toks = D.generate(model, ids, 32)
-        first = toks if first is None else first
-        record(what="ab", setting="key_bound", path="bounded" if bucket == default else "buffer",
-               default=bucket == default, ms_per_token=gen["ms_per_token"],
-               graph_ms=round(events_ms(g.graph.replay, a.steps), 3),
-               tokens_as_first=bool(torch.equal(toks, first)), **tag)
-    KVBuffers.KEY_BUCKET = default
     return 0
 
 
@@ -381,7 +355,7 @@ def main(argv=None) -> int:
     p.add_argument("--ab", nargs="?", const="path",
                    choices=["path", "act_epilogue", "balanced_rows", "lookahead", "pdl",
                             "m1_tile", "head_in_step", "cache_hints", "w8_tile",
-                            "launch_bound", "early", "key_bound"],
+                            "launch_bound", "early"],
                    help="instead of the profile, each setting in turn with graphs recaptured in "
                         "the same run: 'path' (default) the decode GEMMs (fp16: triton | cublas;"
                         " int8: gemv | dot), 'act_epilogue' the MLP activation in the GEMV "
@@ -395,9 +369,7 @@ def main(argv=None) -> int:
                         "'launch_bound' the RoPE + cache-write and add+norm launches replaced "
                         "by nothing (wrong outputs: the bound on fusing them away); "
                         "'early' the small kernels' loads of what the kernel before cannot "
-                        "write, before the PDL wait or after it; 'key_bound' decode graphs per "
-                        "key bound (short sequences: one attention split, no combine) or the "
-                        "whole buffer as the bound")
+                        "write, before the PDL wait or after it")
     p.add_argument("--prefill", type=int, default=0, metavar="N",
                    help="instead of decode: one forward over an N-token prompt (batch 1), its "
                         "device time, host time and kernel table")
@@ -431,7 +403,7 @@ def main(argv=None) -> int:
     record(what="lean_loop", ms_per_token=round(events_ms(loop, a.steps), 3), **tag)
 
     dec = decoder_of(model)
-    g = dec.graphs.latest(a.batch)
+    g = dec.graphs.graphs[a.batch]
     record(what="graph", ms_per_token=round(events_ms(g.graph.replay, a.steps), 3), **tag)
     h = torch.randn(a.batch, 1, model.config.hidden_size, device="cuda", dtype=torch.float16)
     head = model.get_output_embeddings()

@@ -10,9 +10,8 @@ with scores  scale * q.k  +  slope[h] * (j - pos)   (ALiBi, BLOOM; the per-query
 slope * j, which softmax ignores). GQA: query head h reads KV head h // (Hq / Hkv); one program
 takes all Hq/Hkv query heads (x SQ) of a KV head as the rows of its tiles, so K/V are read once.
 Long caches are cut into NUM_SPLITS chunks (flash-decoding): each program writes a partial
-(max, sum, unnormalized output) and a second kernel combines them. The grid depends on max_len
-(or a host-side bound on the lengths, max_keys), not on lengths, so a decode step can be
-captured in a CUDA graph; the decoder captures one per bound (inject/cache.py key_bound).
+(max, sum, unnormalized output) and a second kernel combines them. The grid depends on max_len,
+not on lengths, so a decode step can be captured in a CUDA graph.
 
 Prefill: prefill_attention runs torch's scaled_dot_product_attention (flash / memory-efficient
 kernels when there is no bias; with ALiBi, a window or keys longer than queries it passes an
@@ -230,22 +229,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      lengths: torch.Tensor, scale: Optional[float] = None,
                      alibi_slopes: Optional[torch.Tensor] = None, window: int = 0,
                      num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None,
-                     first_key: Optional[torch.Tensor] = None,
-                     max_keys: Optional[int] = None) -> torch.Tensor:
+                     first_key: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(scale q k^T + alibi, causal & window masked) v over the cache -> [B, Hq, SQ, D].
 
     q [B, Hq, SQ, D] (any strides, contiguous D); caches [B, Hkv, max_len, D]; lengths [B]
     (int, on q's device). scale defaults to 1/sqrt(D) (GPT-Neo uses 1.0). num_splits (keys
     cut into that many chunks) defaults to filling the GPU; out may be a strided [B, Hq, SQ, D].
-    first_key [B] (int, optional): keys 0 .. first_key[b] - 1 are left padding, masked.
-    max_keys (optional): a bound on every lengths[b] known on the host (lengths themselves may
-    live only on the device, as in a CUDA graph); the splits cover keys 0 .. max_keys - 1 only,
-    so a short cache runs as one split without the combine kernel. Keys past it are never
-    read: a length above it gives a wrong result."""
+    first_key [B] (int, optional): keys 0 .. first_key[b] - 1 are left padding, masked."""
     _check_decode(q, k_cache, v_cache, lengths, alibi_slopes, window, first_key)
     B, Hq, SQ, D = q.shape
     Hkv, max_len = k_cache.shape[1], k_cache.shape[2]
-    span = max_len if max_keys is None else max(1, min(max_len, int(max_keys)))   # keys visited
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if out is None:
         out = torch.empty((B, Hq, SQ, D), dtype=q.dtype, device=q.device)
@@ -263,9 +256,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         base = B * Hkv * row_blocks
         target = 1 if interp else 2 * _sm_count(q.device.index or 0)
-        num_splits = max(1, min(target // base, triton.cdiv(span, 256)))
-    chunk = triton.cdiv(triton.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
-    num_splits = triton.cdiv(span, chunk)
+        num_splits = max(1, min(target // base, triton.cdiv(max_len, 256)))
+    chunk = triton.cdiv(triton.cdiv(max_len, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = triton.cdiv(max_len, chunk)
     if num_splits > 1:
         ml = torch.empty((B * Hq * SQ, num_splits, 2), dtype=torch.float32, device=q.device)
         part = torch.empty((B * Hq * SQ, num_splits, D), dtype=torch.float32, device=q.device)

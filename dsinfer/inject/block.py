@@ -66,8 +66,6 @@ class Step:
     alibi: Optional[torch.Tensor] = None  # [Hq local] fp32 slopes
     first_key: Optional[torch.Tensor] = None  # [B] int32: left padding before it (decode steps
                                               # of a left-padded batch; None = key_mask or none)
-    max_keys: Optional[int] = None     # host-side bound on lengths (cache.key_bound): what
-                                       # decode attention's split grid covers
 
 
 class FusedBlock:
@@ -111,8 +109,7 @@ class FusedBlock:
             end = step.start + S
             if step.start > 0 and (step.key_mask is None or step.first_key is not None):
                 o = kernels.decode_attention(q, kc, vc, step.lengths, c.scale, step.alibi,
-                                             c.window, first_key=step.first_key,
-                                             max_keys=step.max_keys)
+                                             c.window, first_key=step.first_key)
             else:                                      # prefill, or padding with holes
                 o = self._attend(q, kc[:, :, :end], vc[:, :, :end], step)
         o = o.transpose(1, 2).reshape(B, S, c.heads * c.head_dim)

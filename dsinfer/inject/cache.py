@@ -34,19 +34,6 @@ class KVBuffers:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    KEY_BUCKET = 256    # kernels.decode_attention cuts keys in chunks of at least this many
-
-    def key_bound(self, length: int) -> int:
-        """The keys a step whose rows hold `length` keys attends over (decode_attention's
-        max_keys): 256, 512, 1024, ... capped at the buffers' length. A decode CUDA graph bakes
-        its bound in and is captured per bound (graphs.py); up to 256 keys attention is one
-        split without a combine kernel, longer bounds split the keys as the whole buffer
-        would."""
-        bound = self.KEY_BUCKET
-        while bound < length:
-            bound *= 2
-        return min(bound, self.max_len)
-
     def fits(self, batch: int, length: int, dtype, device) -> bool:
         return (self.batch == batch and length <= self.max_len and self.k.dtype == dtype
                 and self.k.device == device)

@@ -154,7 +154,6 @@ class FusedDecoder:
     def step(self, positions, cache, start: int, S: int, key_mask, starts=None, lengths=None,
              first_key=None) -> Step:
         B = positions.shape[0]
-        bound = None
         if cache is None:
             ck = cv = None
         else:
@@ -163,12 +162,12 @@ class FusedDecoder:
                     f"the batch changed from {self.buffers.batch if self.buffers else 0} to {B} "
                     "rows in the middle of a sequence; start a new one (no past_key_values)")
             buf = self._kv(B, start + S)
-            ck, cv, bound = buf.k, buf.v, buf.key_bound(start + S)
+            ck, cv = buf.k, buf.v
             if starts is None:
                 starts = torch.full((B,), start, dtype=torch.int32, device=self.device)
                 lengths = starts + S
         return Step(positions.to(self.device).long(), start, ck, cv, starts, lengths, key_mask,
-                    self.cos, self.sin, self.alibi, first_key, max_keys=bound)
+                    self.cos, self.sin, self.alibi, first_key)
 
     # ------------------------------------------------------------------ look-ahead steps
     @staticmethod
@@ -186,7 +185,7 @@ class FusedDecoder:
             return False
         if self.rotary is not None and (self.cos is None or self.cos.shape[0] <= start):
             return False
-        return self.graphs is None or self.graphs.ready(batch, start)
+        return self.graphs is None or self.graphs.ready(batch)
 
     def guess_step(self, ids, positions, start: int, first_key
                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

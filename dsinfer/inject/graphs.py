@@ -1,14 +1,11 @@
-"""CUDA-graph decode: one graph per (batch size, key bound) captures a whole one-token decoder step
+"""CUDA-graph decode: one graph per batch size captures a whole one-token decoder step
 (embeddings, every fused block with its all-reduces, final norm; with head.DECODE_HEAD
 "in_step" the LM head too) over the static KV cache.
 A replay copies the new token ids and positions into the graph's input buffers, sets the
 [B] start/length tensors and the left-padding lengths (zeros for an unpadded batch; no host
 sync), and replays; the Python per-kernel launch cost of ~15 kernels per block disappears.
 
-What a graph bakes in: the KV buffers, the rotary tables, the batch size and the bound on the
-keys its attention visits (cache.key_bound: 256, 512, ... keys; a step past its graph's bound
-replays, or captures, the next bound's graph), so that short sequences decode without the
-attention's split combine. Growing either
+What a graph bakes in: the KV buffers, the rotary tables and the batch size. Growing either
 buffer (decoder._kv, decoder._rotary_tables) drops the graphs; they are captured again on the
 next step. Batches padded other than on the left, and multi-token steps, run eagerly.
 
@@ -64,7 +61,7 @@ class DecodeGraphs:
 
     def __init__(self, decoder):
         self.decoder = decoder
-        self.graphs: Dict[Tuple[int, int], _Graph] = {}   # (batch, key bound) -> graph
+        self.graphs: Dict[int, _Graph] = {}
         # (batch, padded length) -> graph, least recently used first; at most PREFILL["kept"]
         # (each holds its [B, n, hidden] output; a dropped one's memory returns to the pool)
         self.prefills: "OrderedDict[Tuple[int, int], _Graph]" = OrderedDict()
@@ -79,21 +76,9 @@ class DecodeGraphs:
         self.prefills.clear()
         self.pool = None
 
-    def ready(self, batch: int, start: int) -> bool:
-        """A graph for this batch size and a step at cache index `start` exists and is current
-        (a replay captures nothing)."""
-        return self._key(batch, start) in self.graphs and self.tables is self.decoder.cos
-
-    def _key(self, batch: int, start: int) -> Tuple[int, int]:
-        """(batch, key bound) of a one-token step at cache index `start` (bound 0: no buffers
-        that hold it yet)."""
-        b = self.decoder.buffers
-        fits = b is not None and b.batch == batch and b.max_len > start
-        return batch, (b.key_bound(start + 1) if fits else 0)
-
-    def latest(self, batch: int) -> _Graph:
-        """The most recently captured decode graph of this batch size (benchmarks replay it)."""
-        return [g for (b, _), g in self.graphs.items() if b == batch][-1]
+    def ready(self, batch: int) -> bool:
+        """A graph for this batch size exists and is current (a replay captures nothing)."""
+        return batch in self.graphs and self.tables is self.decoder.cos
 
     def replay(self, input_ids, positions, cache, start: int, key_mask=None, first_key=None
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -102,10 +87,10 @@ class DecodeGraphs:
         if self.tables is not dec.cos:          # the tables grew: captured pointers are stale
             self.reset()
         B = input_ids.shape[0]
-        g = self.graphs.get(self._key(B, start))
-        if g is None:
+        g = self.graphs.get(B)
+        if g is None or dec.buffers is None or dec.buffers.max_len <= start:
             dec._kv(B, start + 1)               # may grow (and reset) before capturing
-            g = self.graphs.get(self._key(B, start)) or self._capture_or_none(B, start)
+            g = self.graphs.get(B) or self._capture_or_none(B, start)
         if g is None:                           # capture failed: this step runs eagerly
             return dec.finish(dec.run(input_ids, None, positions, None, cache, start, key_mask,
                                       first_key=first_key))
@@ -155,7 +140,7 @@ class DecodeGraphs:
 
         graph, (out, logits) = self._record(step)
         g = _Graph(graph, ids, pos, starts, lengths, first, out, logits)
-        self.graphs[self._key(B, start)] = g
+        self.graphs[B] = g
         return g
 
     def _record(self, step):

@@ -326,14 +326,3 @@ def test_a_failed_one_shot_sum_stops_the_forward():
     dec.tp.fast = GaveUp()
     with pytest.raises(RuntimeError, match="gave up waiting for rank 1"):
         model(**hf_models.inputs(ref))
-
-
-def test_key_bound_buckets():
-    """The keys a decode step's attention covers (and its CUDA graph is keyed by): powers of
-    two times 256, never past the buffers."""
-    from dsinfer.inject.cache import KVBuffers
-    buf = KVBuffers(1, 1, 1, 1024, 8, torch.float32, torch.device("cpu"))
-    assert [buf.key_bound(n) for n in (1, 255, 256, 257, 512, 513, 1000, 1024)] == \
-        [256, 256, 256, 512, 512, 1024, 1024, 1024]
-    short = KVBuffers(1, 1, 1, 300, 8, torch.float32, torch.device("cpu"))
-    assert [short.key_bound(n) for n in (10, 256, 257, 300)] == [256, 256, 300, 300]

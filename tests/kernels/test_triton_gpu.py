@@ -250,33 +250,6 @@ def test_decode_attention_splits_in_graph(hq, hkv):
         assert rel(out, ref) < TOL, n
 
 
-def test_decode_attention_short_bound_in_graph():
-    """A 2048-key cache with max_keys=256: one split, no combine kernel, in a CUDA graph
-    replayed for lengths up to the bound, keys past it NaN."""
-    hq = hkv = 32
-    D, max_len, bound = 128, 2048, 256
-    k_cache = torch.randn(1, hkv, max_len, D, device=DEV, dtype=torch.float16)
-    v_cache = torch.randn(1, hkv, max_len, D, device=DEV, dtype=torch.float16)
-    q = torch.randn(1, hq, 1, D, device=DEV, dtype=torch.float16)
-    lengths = torch.tensor([33], device=DEV, dtype=torch.int32)
-    out = poison(q.shape, torch.float16)
-    refs = {}
-    for n in (1, 33, 200, 256):
-        lengths.fill_(n)
-        refs[n] = attention.decode_attention_ref(q.float(), k_cache.float(), v_cache.float(),
-                                                 lengths)
-    k_cache[:, :, bound:], v_cache[:, :, bound:] = float("nan"), float("nan")
-    attention.decode_attention(q, k_cache, v_cache, lengths, out=out, max_keys=bound)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        attention.decode_attention(q, k_cache, v_cache, lengths, out=out, max_keys=bound)
-    for n, ref in refs.items():
-        lengths.fill_(n)
-        out.fill_(float("nan"))
-        graph.replay()
-        assert rel(out, ref) < TOL, n
-
-
 @pytest.mark.parametrize("alibi,window", [(False, 0), (True, 0), (False, 256)])
 def test_prefill_attention(alibi, window):
     B, H, S, D = 2, 16, 1024, 128

@@ -444,22 +444,6 @@ def test_decode_attention_left_padding(alibi, window, splits, sq, gen):
         torch.testing.assert_close(ref[b], alone, rtol=1e-5, atol=1e-6)   # both fp32 inside
 
 
-@pytest.mark.parametrize("splits", [None, 1, 3])
-def test_decode_attention_max_keys(splits, gen):
-    """max_keys bounds the keys visited: with lengths within it, keys past it are never read
-    (NaN there changes nothing) and the result is the reference's."""
-    B, Hq, Hkv, max_len, bound, D = 2, 4, 2, 40, 20, 16
-    k_cache, v_cache = randn(gen, B, Hkv, max_len, D), randn(gen, B, Hkv, max_len, D)
-    q = randn(gen, B, Hq, 1, D)
-    lengths = torch.tensor([7, bound], dtype=torch.int32)
-    ref = attention.decode_attention_ref(q.double(), k_cache.double(), v_cache.double(),
-                                         lengths)
-    k_cache[:, :, bound:], v_cache[:, :, bound:] = float("nan"), float("nan")
-    y = attention.decode_attention(q, k_cache, v_cache, lengths, None, None, 0, splits,
-                                   out=poison(q.shape, torch.float32), max_keys=bound)
-    check(y, ref, torch.float32, gen[1], f"decode within max_keys, splits={splits}")
-
-
 def test_decode_attention_strided_and_unscaled(gen):
     """q and out as [B, S, H, D] buffers viewed [B, H, S, D]; GPT-Neo's scale 1.0."""
     B, H, S, D = 2, 4, 2, 16
