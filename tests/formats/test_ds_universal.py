@@ -97,6 +97,23 @@ def test_tensor_parallel_training_run(tmp_path):
     _assert_masters(open_checkpoint(root), _reference("gpt2_zero2"))
 
 
+def test_buffers_come_from_the_module(tmp_path):
+    """A persistent buffer (BERT's int64 position_ids, say): ds_to_universal also writes it as a
+    float() fp32.pt; the reader takes the module's own tensor, in its own dtype."""
+    root = Path(shutil.copytree(UNIVERSAL / "gpt2_zero2", tmp_path / "run"))
+    states = root / TAG / "mp_rank_00_model_states.pt"
+    sd = dict(load_pt(states))
+    ids = torch.arange(64).unsqueeze(0)
+    sd["module"] = {**sd["module"], "transformer.position_ids": ids}
+    sd["buffer_names"] = [*(sd.get("buffer_names") or []), "transformer.position_ids"]
+    torch.save(sd, root / "states.pt")   # aside, then renamed: `sd` maps the old file's pages
+    (root / "states.pt").replace(states)
+    (root / TAG / "zero" / "transformer.position_ids").mkdir()
+    torch.save({"param": ids.float()}, root / TAG / "zero" / "transformer.position_ids" / "fp32.pt")
+    got = open_checkpoint(root).by_name()["transformer.position_ids"]
+    assert got.dtype == torch.int64 and torch.equal(got.load(), ids)
+
+
 def test_cli_reshards_it_and_init_inference_serves_it(tmp_path):
     import dsinfer
     root, ref = UNIVERSAL / "gpt2_zero3", _reference("gpt2_zero3")
