@@ -34,7 +34,7 @@ import torch
 
 from . import ReadOptions
 from .checkpoint import Checkpoint, TensorRef, find_extra_files, load_config
-from .errors import CheckpointError
+from .errors import CheckpointError, read_tag_file
 from .safe_pickle import load_pt
 
 TAG_FILE = "latest"
@@ -119,7 +119,7 @@ def _tag_folder(folder: Path) -> Path:
     """SAVE_DIR (with `latest`) -> SAVE_DIR/TAG; a folder holding model states is the tag."""
     latest = folder / TAG_FILE
     if latest.is_file():
-        tag = latest.read_text().strip()
+        tag = read_tag_file(latest, "write the tag folder's name (e.g. global_step100) into it")
         if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
             raise CheckpointError(f"{latest}: holds {tag!r}, not a checkpoint tag; write the tag "
                                   "folder's name (e.g. global_step100) into it")

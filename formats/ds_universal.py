@@ -39,7 +39,7 @@ import torch
 
 from . import ReadOptions, deepspeed, megatron, megatron_ds_pipe
 from .checkpoint import Checkpoint, TensorRef, find_extra_files
-from .errors import CheckpointError
+from .errors import CheckpointError, read_tag_file
 from .safe_pickle import load_pt
 
 TAG_FILE = "latest_universal"
@@ -61,8 +61,11 @@ def sniff(path: Path) -> bool:
     if not (path / TAG_FILE).is_file():
         return False
     source = path / deepspeed.TAG_FILE
-    tag = source.read_text().strip() if source.is_file() else ""
-    return not (tag and (path / tag).is_dir())
+    try:
+        tag = read_tag_file(source, "") if source.is_file() else ""
+    except CheckpointError:            # an unreadable `latest` names no source tag
+        tag = ""
+    return not (tag and "/" not in tag and (path / tag).is_dir())
 
 
 def _is_universal(folder: Path) -> bool:
@@ -90,7 +93,8 @@ def _tag_folder(path: Path) -> Path:
     if not latest.is_file():
         raise CheckpointError(f"{path}: not a DeepSpeed universal checkpoint (no {ZERO}/<param>/"
                               f"{FP32} and no {TAG_FILE}); pass the folder ds_to_universal wrote")
-    name = latest.read_text().strip()
+    name = read_tag_file(latest, "write the universal folder's name (e.g. "
+                         "global_step100_universal) into it")
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise CheckpointError(f"{latest}: holds {name!r}, not a folder name; write the universal "
                               "folder's name (e.g. global_step100_universal) into it")

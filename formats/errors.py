@@ -31,3 +31,20 @@ def read_json_object(path, what: str, fix: str, missing: str = None) -> dict:
         raise CheckpointError(f"{path}: holds a JSON {type(value).__name__}, not {what}; {fix}")
     return value
 
+
+
+TAG_FILE_BYTES = 4096   # a tag file names a folder or an iteration: a few bytes
+
+
+def read_tag_file(path, fix: str) -> str:
+    """The stripped text of a small tag file (DeepSpeed's `latest`, Megatron's
+    latest_checkpointed_iteration.txt), or one CheckpointError line naming the file when it is
+    binary, not UTF-8 or too large to be one (`fix` says what to write into it)."""
+    from pathlib import Path
+    data = Path(path).read_bytes()[:TAG_FILE_BYTES + 1]
+    try:
+        if len(data) > TAG_FILE_BYTES or b"\0" in data:
+            raise ValueError("binary or too long")
+        return data.decode("utf-8").strip()
+    except ValueError as e:   # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path}: not a tag file ({str(e)[:80]}); {fix}") from None

@@ -36,7 +36,7 @@ import torch
 
 from . import ReadOptions
 from .checkpoint import Checkpoint, TensorRef
-from .errors import CheckpointError
+from .errors import CheckpointError, read_tag_file
 from .safe_pickle import load_pt
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -379,7 +379,7 @@ def _locate(path: Path) -> Tuple[Path, object]:
     if not tracker.is_file():
         m = ITER_DIR.fullmatch(path.name) or DS_STEP_DIR.fullmatch(path.name)
         return path, "release" if path.name == "release" else int(m[1]) if m else None
-    tag = tracker.read_text().strip()
+    tag = read_tag_file(tracker, "write the iteration to load (or 'release') into it")
     if tag == "release":
         folder, iteration = path / "release", "release"
     elif tag.isdigit():
@@ -402,7 +402,7 @@ def _locate(path: Path) -> Tuple[Path, object]:
 def _ds_tag_folder(path: Path) -> Path:
     """ROOT/latest's tag folder (Megatron-DeepSpeed), checked to exist."""
     latest = path / DS_TAG_FILE
-    tag = latest.read_text().strip()
+    tag = read_tag_file(latest, "write the tag folder's name (e.g. global_step1000) into it")
     if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or not (path / tag).is_dir():
         raise CheckpointError(f"{latest}: names {tag!r}, which is not a folder here; write the "
                               "tag folder's name (e.g. global_step1000) into it")

@@ -174,6 +174,14 @@ def test_latest_points_at_missing_tag(tmp_path):
         open_checkpoint(folder)
 
 
+@pytest.mark.parametrize("data", [b"\xff\xfeglobal_step1", b"global_step1\0", b"g" * 5000])
+def test_latest_that_is_not_text(tmp_path, data):
+    folder = _copy(tmp_path, "ws1/gpt2_zero2")
+    (folder / "latest").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"latest: not a tag file .*write the tag folder"):
+        open_checkpoint(folder)
+
+
 def test_no_latest_names_the_tags(tmp_path):
     folder = _copy(tmp_path, "ws1/gpt2_zero2")
     (folder / "latest").unlink()

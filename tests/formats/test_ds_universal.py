@@ -178,10 +178,14 @@ def test_damaged_universal_folder(tmp_path, name, damage, needle):
 @pytest.mark.parametrize("text, needle", [
     ("../elsewhere", r"latest_universal: holds '../elsewhere', not a folder name"),
     ("global_step9_universal", r"names 'global_step9_universal' but .* is missing"),
+    (b"\xff\xfe\x00", r"latest_universal: not a tag file"),
 ])
 def test_bad_latest_universal(tmp_path, text, needle):
     root = Path(shutil.copytree(UNIVERSAL / "gpt2_zero2", tmp_path / "run"))
-    (root / "latest_universal").write_text(text)
+    if isinstance(text, bytes):
+        (root / "latest_universal").write_bytes(text)
+    else:
+        (root / "latest_universal").write_text(text)
     with pytest.raises(CheckpointError, match=needle):
         open_checkpoint(root)
 

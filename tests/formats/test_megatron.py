@@ -394,6 +394,13 @@ def test_bad_tracker(gpt2_tp2, tag, match):
         megatron.read(gpt2_tp2, ReadOptions())
 
 
+def test_binary_tracker(gpt2_tp2):
+    (gpt2_tp2 / "latest_checkpointed_iteration.txt").write_bytes(b"\xff\x00\x01")
+    with pytest.raises(CheckpointError, match=r"latest_checkpointed_iteration.txt: not a tag "
+                                              r"file .*write the iteration"):
+        megatron.read(gpt2_tp2, ReadOptions())
+
+
 def test_truncated_pickle(gpt2_tp2):
     path = _rank_file(gpt2_tp2, 1)
     data = path.read_bytes()

@@ -281,6 +281,15 @@ def megatron_deepspeed_pipeline(b: Bench):
 
 
 @case
+def binary_latest(b: Bench):
+    src = b.copy("deepspeed")
+    (src / "latest").write_bytes(b"\xff\xfe\x00\x01")
+    return Row("DeepSpeed save whose `latest` holds binary bytes",
+               *b.run("reshard", src, "--tp", 1, "--out", b.dir / "out"),
+               ("latest: not a tag file", "write the tag folder's name"), out=b.dir / "out")
+
+
+@case
 def universal_parameter_missing(b: Bench):
     fixture = Path(__file__).resolve().parents[1] / "fixtures" / "ds_universal" / "gpt2_zero2"
     src = Path(shutil.copytree(fixture, b.dir / "run"))
