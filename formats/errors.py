@@ -32,7 +32,6 @@ def read_json_object(path, what: str, fix: str, missing: str = None) -> dict:
     return value
 
 
-
 TAG_FILE_BYTES = 4096   # a tag file names a folder or an iteration: a few bytes
 
 
