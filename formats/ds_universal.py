@@ -209,8 +209,8 @@ def _read_module(tag: Path, files: List[Path], header: dict, params: Dict[str, P
 class UniversalRank(megatron.RankFileBase):
     """megatron.py's rank-file interface over the whole (TP-merged) universal folder."""
 
-    def __init__(self, tag: Path, path: Path, header: dict, params: Dict[str, Path], pool):
-        self.path, self._pool = path, pool
+    def __init__(self, tag: Path, path: Path, header: dict, params: Dict[str, Path]):
+        self.path = path
         self.args = header.get("args")
         self.version = header.get("checkpoint_version")
         self.iteration = header.get("iteration")
@@ -226,12 +226,7 @@ class UniversalRank(megatron.RankFileBase):
             self.shapes[native] = (tuple(t.shape), t.dtype)
 
     def tensor(self, name: str) -> torch.Tensor:
-        t = _tensor(*self._files[name])
-        self._pool.note(t.numel() * t.element_size())
-        return t
-
-    def release(self):
-        pass                                      # nothing is held between loads
+        return _tensor(*self._files[name])        # one file per tensor: nothing is held
 
 
 def _native_names(zero: Path, params: Dict[str, Path], args) -> Dict[str, str]:
@@ -263,9 +258,7 @@ def _native_names(zero: Path, params: Dict[str, Path], args) -> Dict[str, str]:
 
 def _read_megatron(tag: Path, path: Path, header: dict, params: Dict[str, Path],
                    options: ReadOptions) -> Checkpoint:
-    pool = megatron._Pool()
-    rank = UniversalRank(tag, path, header, params, pool)
-    pool.files.append(rank)
+    rank = UniversalRank(tag, path, header, params)
     trained: Tuple[int, int] = (megatron._arg(rank.args, "tensor_model_parallel_size", 1),
                                 megatron._arg(rank.args, "pipeline_model_parallel_size", 1))
     source = {"format": "megatron", "layout": "deepspeed universal", "tp_size": 1, "pp_size": 1,
